@@ -1,0 +1,1 @@
+"""The seqserve gRPC server: servicer over core over model runtime."""

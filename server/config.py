@@ -1,0 +1,91 @@
+"""Server configuration: one frozen object, filled from flags and environment."""
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+ENV_PREFIX = "SEQSERVE_"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Every server setting, validated at construction."""
+
+    model_dir: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_sessions: int = 100_000
+    idle_timeout_s: float = 0.0
+    max_batch_size: int = 256
+    worker_threads: int = 32
+    allow_unsafe_deserialization: bool = False
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port", "0 to 65535", self.port)
+        _require(self.max_sessions >= 1, "max_sessions", "at least 1", self.max_sessions)
+        _require(
+            self.idle_timeout_s >= 0,
+            "idle_timeout_s",
+            "0 (off) or more",
+            self.idle_timeout_s,
+        )
+        _require(
+            self.max_batch_size >= 1, "max_batch_size", "at least 1", self.max_batch_size
+        )
+        _require(
+            self.worker_threads >= 1, "worker_threads", "at least 1", self.worker_threads
+        )
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+        _require(self.log_level in levels, "log_level", levels, self.log_level)
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+    ) -> "Config":
+        """Flags win over `SEQSERVE_*` variables, which win over the defaults."""
+        parser = argparse.ArgumentParser(
+            prog="seqserve-server",
+            description="Serve stateful Keras RNN models over gRPC.",
+        )
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            if field.type is bool:
+                parser.add_argument(flag, action="store_true", default=None)
+            else:
+                parser.add_argument(flag, type=str, default=None)
+        parsed = vars(parser.parse_args(argv))
+        values = {}
+        for field in dataclasses.fields(cls):
+            raw = parsed[field.name]
+            if raw is None:
+                raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _convert(field, raw)
+        return cls(**values)
+
+
+def _convert(field: dataclasses.Field, raw: object) -> object:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw)
+    try:
+        if field.type is bool:
+            if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if field.type is Path:
+            return Path(text)
+        return field.type(text)
+    except ValueError:
+        raise ValueError(
+            f"{field.name}: expected a {getattr(field.type, '__name__', field.type)}, "
+            f"received {text!r}"
+        ) from None
+
+
+def _require(ok: bool, name: str, expected: object, received: object) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, received {received!r}")

@@ -1,0 +1,56 @@
+"""Strict conversion between `seqserve.v1.Tensor` messages and numpy arrays."""
+
+import numpy as np
+
+from seqserve.v1 import seqserve_pb2 as pb
+
+from .errors import InvalidArgument
+
+NUMPY_DTYPES = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+PROTO_DTYPES = {dtype.name: code for code, dtype in NUMPY_DTYPES.items()}
+
+
+def dtype_name(code: int) -> str:
+    return pb.DataType.Name(code) if code in pb.DataType.values() else f"<enum {code}>"
+
+
+def proto_dtype(dtype: np.dtype) -> int:
+    return PROTO_DTYPES[np.dtype(dtype).name]
+
+
+def decode(tensor: pb.Tensor, what: str) -> np.ndarray:
+    """Returns a read-only view of the tensor's bytes, checked for consistency.
+
+    `what` names the field in error messages, for example "inputs".
+    """
+    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"{what}: expected dtype one of {sorted(dtype_name(c) for c in NUMPY_DTYPES)},"
+            f" received {dtype_name(tensor.dtype)}"
+        )
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: expected a shape of sizes >= 0, received {shape}")
+    count = int(np.prod(shape, dtype=np.float64))
+    if count * dtype.itemsize != len(tensor.data):
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} of {dtype_name(tensor.dtype)} needs "
+            f"{count * dtype.itemsize} bytes, received {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def encode(array: np.ndarray) -> pb.Tensor:
+    array = np.asarray(array)
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return pb.Tensor(
+        dtype=proto_dtype(array.dtype),
+        shape=array.shape,
+        data=np.ascontiguousarray(little).tobytes(),
+    )
