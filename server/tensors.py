@@ -2,17 +2,11 @@
 
 import numpy as np
 
+from seqserve.client.tensors import NUMPY_DTYPES, PROTO_DTYPES
+from seqserve.client.tensors import to_proto as encode  # noqa: F401 (re-exported)
 from seqserve.v1 import seqserve_pb2 as pb
 
 from .errors import InvalidArgument
-
-NUMPY_DTYPES = {
-    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
-    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
-    pb.DATA_TYPE_INT32: np.dtype("<i4"),
-    pb.DATA_TYPE_INT64: np.dtype("<i8"),
-}
-PROTO_DTYPES = {dtype.name: code for code, dtype in NUMPY_DTYPES.items()}
 
 
 def dtype_name(code: int) -> str:
@@ -44,13 +38,3 @@ def decode(tensor: pb.Tensor, what: str) -> np.ndarray:
             f"{count * dtype.itemsize} bytes, received {len(tensor.data)}"
         )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-
-
-def encode(array: np.ndarray) -> pb.Tensor:
-    array = np.asarray(array)
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return pb.Tensor(
-        dtype=proto_dtype(array.dtype),
-        shape=array.shape,
-        data=np.ascontiguousarray(little).tobytes(),
-    )

@@ -1,0 +1,40 @@
+"""Command line: `seqserve-server --model-dir models` (see --help)."""
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .config import Config
+
+# TensorFlow reads this when first imported, which happens with the app below.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from .app import App  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = Config.from_args(argv)
+    except ValueError as error:
+        print(f"seqserve-server: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        app = App(config)
+    except (OSError, RuntimeError) as error:
+        logging.getLogger("seqserve.server").error("%s", error)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Builds and runs the gRPC server around a core."""
+
+import concurrent.futures
+import logging
+
+import grpc
+
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+from .config import Config
+from .core import SequenceCore
+from .models import load_model_dir
+from .servicer import SequenceServicer
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """A started server; `port` is the bound port (useful with port 0)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        models = load_model_dir(config.model_dir, config.allow_unsafe_deserialization)
+        if not models:
+            raise RuntimeError(f"no model could be loaded from {config.model_dir}")
+        self.core = SequenceCore(models, config)
+        self.server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=config.worker_threads, thread_name_prefix="grpc"
+            ),
+            maximum_concurrent_rpcs=None,
+        )
+        pb_grpc.add_SequenceServiceServicer_to_server(
+            SequenceServicer(self.core), self.server
+        )
+        address = f"{config.host}:{config.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        self.server.start()
+        log.info(
+            "listening on %s:%d with models %s", config.host, self.port, sorted(models)
+        )
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Refuses new calls, lets calls in flight finish, then stops the executors."""
+        self.server.stop(grace_s).wait()
+        self.core.close()
+        log.info("stopped; %d sessions were live", len(self.core.sessions))

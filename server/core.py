@@ -1,0 +1,112 @@
+"""The service core: sessions over models, without any gRPC.
+
+Every call validates first, so a rejected request changes no state, then hands
+the state-touching work to the model's executor and waits for it.
+"""
+
+import logging
+import threading
+
+import numpy as np
+
+from .config import Config
+from .errors import InvalidArgument, NotFound
+from .executor import ModelExecutor, StateOp, StepOp, StepResult
+from .models import ServedModel
+from .sessions import Session, SessionRegistry
+from .validation import StateEntry, check_inputs, check_state
+
+log = logging.getLogger(__name__)
+
+
+class SequenceCore:
+    """Thread-safe: any number of callers may use it at once."""
+
+    def __init__(self, models: dict[str, ServedModel], config: Config):
+        self.models = models
+        self.config = config
+        self.sessions = SessionRegistry(config.max_sessions)
+        self._executors = {
+            name: ModelExecutor(model, config.max_batch_size)
+            for name, model in models.items()
+        }
+        self._stopping = threading.Event()
+        self._reaper = None
+        if config.idle_timeout_s > 0:
+            self._reaper = threading.Thread(
+                target=self._reap_idle, name="idle-reaper", daemon=True
+            )
+            self._reaper.start()
+
+    def model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(
+                f"model {name!r} is not loaded; loaded models: {sorted(self.models)}"
+            )
+        return model
+
+    def start_session(
+        self, model_name: str, session_id: str, state: list[StateEntry] | None
+    ) -> tuple[Session, ServedModel]:
+        model = self.model(model_name)
+        values = None if state is None else check_state(model, state, "initial_state")
+        session = self.sessions.add(model.name, session_id)
+        try:
+            self._run(StateOp("start", session, values))
+        except BaseException:
+            self.sessions.remove(session.id, "failed to start")
+            raise
+        log.debug("session %s started on model %r", session.id, model.name)
+        return session, model
+
+    def step(
+        self,
+        session_id: str,
+        inputs: np.ndarray,
+        state: list[StateEntry] | None = None,
+        reset: bool = False,
+        return_state: bool = False,
+    ) -> tuple[ServedModel, StepResult]:
+        session = self.sessions.get(session_id)
+        model = self.models[session.model]
+        check_inputs(model, inputs)
+        if reset and state is not None:
+            raise InvalidArgument(
+                "expected either reset or an explicit state, received both"
+            )
+        values = None if state is None else check_state(model, state, "state")
+        return model, self._run(StepOp(session, inputs, values, reset, return_state))
+
+    def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
+        """Reset (state None: zeros) or set a session's state."""
+        session = self.sessions.get(session_id)
+        model = self.models[session.model]
+        values = None if state is None else check_state(model, state, "state")
+        self._run(StateOp("write", session, values))
+
+    def read_state(self, session_id: str) -> tuple[ServedModel, list[np.ndarray], int]:
+        session = self.sessions.get(session_id)
+        values, timesteps = self._run(StateOp("read", session))
+        return self.models[session.model], values, timesteps
+
+    def end_session(self, session_id: str) -> int:
+        """Returns the session's timesteps; steps submitted before still apply."""
+        session = self.sessions.remove(session_id, "ended by the client")
+        log.debug("session %s ended", session.id)
+        return self._run(StateOp("release", session))
+
+    def close(self) -> None:
+        self._stopping.set()
+        for executor in self._executors.values():
+            executor.close()
+
+    def _run(self, op: StepOp | StateOp):
+        return self._executors[op.session.model].submit(op).result()
+
+    def _reap_idle(self) -> None:
+        interval = min(1.0, self.config.idle_timeout_s / 4)
+        while not self._stopping.wait(interval):
+            for session in self.sessions.remove_idle(self.config.idle_timeout_s):
+                log.info("session %s expired after idle timeout", session.id)
+                self._executors[session.model].submit(StateOp("release", session))

@@ -1,0 +1,210 @@
+"""Loads model files, checks that they stream, and runs them on batches.
+
+Each model file in the model directory becomes one `ServedModel`, named after
+the file's stem. A file that cannot be served is refused with a log line that
+names the layer and why; the others still load.
+"""
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .errors import ModelRefused
+from .program import StepProgram
+from .streamability import analyse
+
+log = logging.getLogger(__name__)
+
+MODEL_SUFFIXES = (".keras", ".h5")
+INPUT_DTYPES = ("float32", "float64", "int32", "int64")
+SELF_CHECK_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePartSpec:
+    layer: str
+    layer_type: str
+    part: str
+    units: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # for one session; -1 marks the time axis
+
+
+class ServedModel:
+    """A loaded model that streams; `run` is safe from one thread at a time."""
+
+    def __init__(self, name: str, model: keras.Model, allow_unsafe: bool):
+        self.name = name
+        analysis = analyse(model, allow_unsafe)
+        self.outputs_per_timestep = analysis.outputs_per_timestep
+        self.state_parts = tuple(
+            StatePartSpec(r.name, type(r.layer).__name__, part, r.units)
+            for r in analysis.recurrent
+            for part in r.parts
+        )
+        # For each recurrent layer, the index of its first part (its `h`).
+        self.layer_first_part = _first_parts(analysis)
+        self.input = _input_spec(model)
+        self.outputs = tuple(
+            _output_spec(name, x, self.outputs_per_timestep)
+            for name, x in zip(model.output_names, model.outputs)
+        )
+        self._program = StepProgram(model, analysis)
+        self._model = model
+
+    @property
+    def recurrent_layers(self) -> int:
+        return len(self.layer_first_part)
+
+    def run(self, inputs, states, has_output):
+        """One batched step: inputs [batch, time, ...], states [batch, units] each.
+
+        Returns (outputs, states, has_output) as numpy arrays.
+        """
+        outputs, states, has_output = self._program.run(inputs, states, has_output)
+        return (
+            [np.asarray(x) for x in outputs],
+            [np.asarray(x) for x in states],
+            [np.asarray(x) for x in has_output],
+        )
+
+    def zero_states(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, p.units), np.float32) for p in self.state_parts]
+
+    def self_check(self, seed: int = 0) -> None:
+        """Streams random input in two chunks and compares with one Keras call.
+
+        Also traces the step function, so the first request is not slow.
+        """
+        batch, length = _check_batch_and_length(self._model)
+        x = _random_input(self.input, batch, length, seed)
+        offline = _offline_call(self._model, x)
+        cut = max(1, length // 2)
+        has = [np.zeros(batch, bool)] * self.recurrent_layers
+        first, states, has = self.run(x[:, :cut], self.zero_states(batch), has)
+        second, _, _ = self.run(x[:, cut:], states, has)
+        for index, (expected, a, b) in enumerate(zip(offline, first, second)):
+            streamed = np.concatenate([a, b], axis=1) if self.outputs_per_timestep else b
+            error = float(np.max(np.abs(streamed - expected)))
+            if not error <= SELF_CHECK_TOLERANCE:
+                raise ModelRefused(
+                    f"streamed output {index} differs from one Keras call on the "
+                    f"whole sequence by {error:.3g} (tolerance "
+                    f"{SELF_CHECK_TOLERANCE}); the model does not stream exactly"
+                )
+
+
+def load_model_dir(model_dir: Path, allow_unsafe: bool) -> dict[str, ServedModel]:
+    """Loads every model file in `model_dir`; refused files are logged and skipped."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
+    models: dict[str, ServedModel] = {}
+    for path in sorted(model_dir.iterdir()):
+        if path.suffix not in MODEL_SUFFIXES:
+            continue
+        if path.stem in models:
+            log.error("refused %s: a model named %r is already loaded", path, path.stem)
+            continue
+        try:
+            models[path.stem] = load_model_file(path, allow_unsafe)
+        except ModelRefused as refusal:
+            log.error("refused %s: %s", path, refusal)
+    return models
+
+
+def load_model_file(path: Path, allow_unsafe: bool) -> ServedModel:
+    """Raises ModelRefused with the reason when the file cannot be served."""
+    started = time.perf_counter()
+    model = _read(path, allow_unsafe)
+    served = ServedModel(path.stem, model, allow_unsafe)
+    served.self_check()
+    log.info(
+        "loaded model %r from %s in %.1f s: input %s %s, state %s",
+        served.name,
+        path,
+        time.perf_counter() - started,
+        served.input.dtype.name,
+        list(served.input.shape),
+        ", ".join(f"{p.layer}.{p.part}[{p.units}]" for p in served.state_parts),
+    )
+    return served
+
+
+def _read(path: Path, allow_unsafe: bool) -> keras.Model:
+    try:
+        # Serving needs no training configuration: custom losses and metrics
+        # would otherwise stop the load.
+        return keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+    except Exception as error:  # Keras raises many types for unreadable files
+        text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if "unsafe" in str(error).lower() or "safe_mode" in str(error):
+            raise ModelRefused(
+                "the file holds Python code (a Lambda layer); start the server "
+                "with --allow-unsafe-deserialization to load it if you trust it"
+            ) from None
+        raise ModelRefused(f"Keras could not load the file: {text}") from None
+
+
+def _first_parts(analysis) -> tuple[int, ...]:
+    firsts, offset = [], 0
+    for recurrent in analysis.recurrent:
+        firsts.append(offset)
+        offset += len(recurrent.parts)
+    return tuple(firsts)
+
+
+def _input_spec(model: keras.Model) -> TensorSpec:
+    tensor = model.inputs[0]
+    if tensor.dtype not in INPUT_DTYPES:
+        raise ModelRefused(
+            f"expected an input dtype in {INPUT_DTYPES}, received {tensor.dtype}"
+        )
+    shape = (-1, *(_known(d, tensor) for d in tensor.shape[2:]))
+    return TensorSpec(tensor.name, np.dtype(tensor.dtype), shape)
+
+
+def _output_spec(name: str, tensor, per_timestep: bool) -> TensorSpec:
+    feature_axes = tensor.shape[2:] if per_timestep else tensor.shape[1:]
+    shape = (-1,) * per_timestep + tuple(_known(d, tensor) for d in feature_axes)
+    return TensorSpec(name, np.dtype(tensor.dtype), shape)
+
+
+def _known(size, tensor) -> int:
+    if size is None:
+        raise ModelRefused(
+            f"expected every axis after time to have a fixed size, received "
+            f"{tuple(tensor.shape)} for {tensor.name!r}"
+        )
+    return int(size)
+
+
+def _check_batch_and_length(model: keras.Model) -> tuple[int, int]:
+    batch, length = model.inputs[0].shape[:2]
+    return batch or 2, length or 12
+
+
+def _random_input(spec: TensorSpec, batch: int, length: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (batch, length, *spec.shape[1:])
+    if spec.dtype.kind == "i":
+        return rng.integers(0, 2, size=shape).astype(spec.dtype)  # valid for any Embedding
+    return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def _offline_call(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
+    stateful = [layer for layer in model._flatten_layers() if getattr(layer, "stateful", False)]
+    for layer in stateful:
+        layer.reset_state()
+    outputs = model(x, training=False)
+    for layer in stateful:
+        layer.reset_state()
+    return [np.asarray(y) for y in keras.tree.flatten(outputs)]

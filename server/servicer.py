@@ -1,0 +1,127 @@
+"""The gRPC servicer: decode the request, call the core, encode the reply.
+
+Errors become statuses here and nowhere else. Unexpected ones are logged once
+with their traceback; the client sees only a generic detail.
+"""
+
+import functools
+import logging
+
+import grpc
+
+from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+from . import tensors
+from .core import SequenceCore
+from .errors import SeqServeError
+from .models import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+def _statuses(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context: grpc.ServicerContext):
+        try:
+            return method(self, request, context)
+        except SeqServeError as error:
+            context.abort(error.code, str(error))
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
+
+    return wrapper
+
+
+class SequenceServicer(pb_grpc.SequenceServiceServicer):
+    def __init__(self, core: SequenceCore):
+        self.core = core
+
+    @_statuses
+    def ListModels(self, request, context):
+        models = [model_info(m) for _, m in sorted(self.core.models.items())]
+        return pb.ListModelsResponse(models=models)
+
+    @_statuses
+    def StartSession(self, request, context):
+        state = _state(request, "initial_state")
+        session, model = self.core.start_session(request.model, request.session_id, state)
+        return pb.StartSessionResponse(session_id=session.id, model=model_info(model))
+
+    @_statuses
+    def Step(self, request, context):
+        inputs = tensors.decode(request.inputs, "inputs")
+        model, result = self.core.step(
+            request.session_id,
+            inputs,
+            state=_state(request, "state"),
+            reset=request.reset,
+            return_state=request.return_state,
+        )
+        reply = pb.StepResponse(
+            outputs=[tensors.encode(x) for x in result.outputs],
+            timesteps=result.timesteps,
+        )
+        if result.state is not None:
+            reply.state.CopyFrom(encode_state(model, result.state))
+        return reply
+
+    @_statuses
+    def Reset(self, request, context):
+        self.core.write_state(request.session_id, _state(request, "state"))
+        return pb.ResetResponse()
+
+    @_statuses
+    def GetState(self, request, context):
+        model, values, timesteps = self.core.read_state(request.session_id)
+        return pb.GetStateResponse(state=encode_state(model, values), timesteps=timesteps)
+
+    @_statuses
+    def SetState(self, request, context):
+        state = _state(request, "state") or []  # absent: refused as missing parts
+        self.core.write_state(request.session_id, state)
+        return pb.SetStateResponse()
+
+    @_statuses
+    def EndSession(self, request, context):
+        return pb.EndSessionResponse(timesteps=self.core.end_session(request.session_id))
+
+
+def _state(request, field: str):
+    """The decoded parts of an optional State field, or None when absent."""
+    if not request.HasField(field):
+        return None
+    return [
+        (p.layer, p.part, tensors.decode(p.value, f"{field} part {p.layer}.{p.part}"))
+        for p in getattr(request, field).parts
+    ]
+
+
+def encode_state(model: ServedModel, values) -> pb.State:
+    return pb.State(
+        parts=[
+            pb.StatePart(layer=spec.layer, part=spec.part, value=tensors.encode(value))
+            for spec, value in zip(model.state_parts, values)
+        ]
+    )
+
+
+def model_info(model: ServedModel) -> pb.ModelInfo:
+    def spec(s):
+        return pb.TensorSpec(
+            name=s.name, dtype=tensors.proto_dtype(s.dtype), shape=list(s.shape)
+        )
+
+    return pb.ModelInfo(
+        name=model.name,
+        input=spec(model.input),
+        outputs=[spec(o) for o in model.outputs],
+        state=[
+            pb.StatePartSpec(
+                layer=p.layer, layer_type=p.layer_type, part=p.part, units=p.units
+            )
+            for p in model.state_parts
+        ],
+        outputs_per_timestep=model.outputs_per_timestep,
+    )

@@ -1,0 +1,106 @@
+"""The registry of live sessions, and a memory of recently ended ones."""
+
+import collections
+import dataclasses
+import re
+import secrets
+import threading
+import time
+
+from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REMEMBERED_ENDINGS = 100_000
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    id: str
+    model: str
+    created_s: float
+    last_used_s: float
+    slot: int = -1  # the row in the model's state store; set by its executor
+    timesteps: int = 0  # since start, reset or set
+    released: bool = False  # set by the executor once the slot is freed
+
+
+class SessionRegistry:
+    """Thread-safe. Knows why a session is gone: ended, expired, or never known."""
+
+    def __init__(self, max_sessions: int):
+        self.max_sessions = max_sessions
+        self._lock = threading.Lock()
+        self._live: dict[str, Session] = {}
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def add(self, model: str, session_id: str) -> Session:
+        if session_id and not SESSION_ID.fullmatch(session_id):
+            raise InvalidArgument(
+                "session_id: expected 1 to 128 characters of [A-Za-z0-9._:-], "
+                f"received {session_id[:140]!r}"
+            )
+        now = time.monotonic()
+        with self._lock:
+            if len(self._live) >= self.max_sessions:
+                raise ResourceExhausted(
+                    f"the server holds its maximum of {self.max_sessions} sessions; "
+                    "end idle sessions or raise --max-sessions"
+                )
+            session_id = session_id or _mint(self._live)
+            if session_id in self._live:
+                raise AlreadyExists(f"session {session_id!r} already exists")
+            self._ended.pop(session_id, None)
+            session = Session(session_id, model, created_s=now, last_used_s=now)
+            self._live[session_id] = session
+            return session
+
+    def get(self, session_id: str) -> Session:
+        """Returns the live session and marks it used."""
+        if not session_id:
+            raise InvalidArgument("session_id: expected a session id, received none")
+        with self._lock:
+            session = self._live.get(session_id)
+            if session is None:
+                raise NotFound(self._why_missing(session_id))
+            session.last_used_s = time.monotonic()
+            return session
+
+    def remove(self, session_id: str, reason: str) -> Session:
+        if not session_id:
+            raise InvalidArgument("session_id: expected a session id, received none")
+        with self._lock:
+            session = self._live.pop(session_id, None)
+            if session is None:
+                raise NotFound(self._why_missing(session_id))
+            self._remember(session_id, reason)
+            return session
+
+    def remove_idle(self, idle_timeout_s: float) -> list[Session]:
+        cutoff = time.monotonic() - idle_timeout_s
+        with self._lock:
+            idle = [s for s in self._live.values() if s.last_used_s < cutoff]
+            for session in idle:
+                del self._live[session.id]
+                self._remember(session.id, f"expired after {idle_timeout_s:g} s idle")
+            return idle
+
+    def _remember(self, session_id: str, reason: str) -> None:
+        self._ended[session_id] = reason
+        if len(self._ended) > REMEMBERED_ENDINGS:
+            self._ended.popitem(last=False)
+
+    def _why_missing(self, session_id: str) -> str:
+        reason = self._ended.get(session_id)
+        if reason is None:
+            return f"session {session_id!r} is unknown to this server"
+        return f"session {session_id!r} has ended: {reason}"
+
+
+def _mint(taken: dict) -> str:
+    while True:
+        session_id = secrets.token_urlsafe(18)
+        if session_id not in taken:
+            return session_id

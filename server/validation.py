@@ -1,0 +1,78 @@
+"""Checks of request contents against a model, before anything is queued.
+
+Keras is lax where a server must not be: it broadcasts a batch-1 state and
+ignores a surplus GRU state. Every check here names what was expected and what
+was received.
+"""
+
+import numpy as np
+
+from .errors import InvalidArgument
+from .models import ServedModel
+
+# One part of a state as it arrives: (layer, part, value).
+StateEntry = tuple[str, str, np.ndarray]
+
+
+def check_inputs(model: ServedModel, inputs: np.ndarray) -> np.ndarray:
+    spec = model.input
+    expected_shape = ["timesteps", *spec.shape[1:]]
+    if inputs.dtype != spec.dtype:
+        raise InvalidArgument(
+            f"inputs: model {model.name!r} expects dtype {spec.dtype.name}, "
+            f"received {inputs.dtype.name}"
+        )
+    if inputs.ndim != len(spec.shape) or inputs.shape[1:] != spec.shape[1:]:
+        raise InvalidArgument(
+            f"inputs: model {model.name!r} expects shape {expected_shape}, "
+            f"received {list(inputs.shape)}"
+        )
+    if inputs.shape[0] == 0:
+        raise InvalidArgument("inputs: expected at least 1 timestep, received 0")
+    if inputs.dtype.kind == "f" and not np.isfinite(inputs).all():
+        bad = np.argwhere(~np.isfinite(inputs))[0].tolist()
+        raise InvalidArgument(
+            f"inputs: expected finite values, received {inputs[tuple(bad)]} at "
+            f"index {bad}"
+        )
+    return inputs
+
+
+def check_state(model: ServedModel, entries: list[StateEntry], what: str):
+    """Returns the parts in the model's order; every part exactly once."""
+    expected = {(p.layer, p.part): p.units for p in model.state_parts}
+    received: dict[tuple[str, str], np.ndarray] = {}
+    for layer, part, value in entries:
+        key = (layer, part)
+        if key not in expected:
+            raise InvalidArgument(
+                f"{what}: model {model.name!r} has no state part {layer}.{part}; "
+                f"expected parts {_names(expected)}"
+            )
+        if key in received:
+            raise InvalidArgument(f"{what}: state part {layer}.{part} given twice")
+        _check_part(value, expected[key], f"{what} part {layer}.{part}")
+        received[key] = value
+    missing = [key for key in expected if key not in received]
+    if missing:
+        raise InvalidArgument(
+            f"{what}: expected {len(expected)} state parts {_names(expected)}, "
+            f"received {len(received)}; missing {_names(missing)}"
+        )
+    return [received[key] for key in expected]
+
+
+def _check_part(value: np.ndarray, units: int, what: str) -> None:
+    if value.dtype != np.float32:
+        raise InvalidArgument(f"{what}: expected dtype float32, received {value.dtype}")
+    if value.shape != (units,):
+        raise InvalidArgument(
+            f"{what}: expected shape [{units}] (one session's state), received "
+            f"{list(value.shape)}"
+        )
+    if not np.isfinite(value).all():
+        raise InvalidArgument(f"{what}: expected finite values")
+
+
+def _names(keys) -> str:
+    return "[" + ", ".join(f"{layer}.{part}" for layer, part in keys) + "]"
