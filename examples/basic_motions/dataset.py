@@ -45,7 +45,7 @@ def load_ts(path: str | Path) -> tuple[np.ndarray, list[str], list[str]]:
                 continue
             if not in_data:
                 if not line.startswith("@"):
-                    raise ValueError(f"line {lineno}: expected a header line before @data")
+                    raise ValueError(f"line {lineno}: not a header line before @data")
                 key = line.split(maxsplit=1)[0].lower()
                 if key == "@classlabel":
                     classes = _class_names(line, lineno)
