@@ -51,14 +51,17 @@ class ModelInfo:
     @classmethod
     def from_proto(cls, info: pb.ModelInfo) -> "ModelInfo":
         def tensor(spec: pb.TensorSpec) -> TensorInfo:
-            return TensorInfo(spec.name, tensors.numpy_dtype(spec.dtype), tuple(spec.shape))
+            return TensorInfo(
+                spec.name, tensors.numpy_dtype(spec.dtype), tuple(spec.shape)
+            )
 
         return cls(
             name=info.name,
             input=tensor(info.input),
             outputs=tuple(tensor(o) for o in info.outputs),
             state=tuple(
-                StatePartInfo(p.layer, p.layer_type, p.part, p.units) for p in info.state
+                StatePartInfo(p.layer, p.layer_type, p.part, p.units)
+                for p in info.state
             ),
             outputs_per_timestep=info.outputs_per_timestep,
         )
@@ -195,11 +198,18 @@ class Session:
 
 
 def _cast(array, dtype: np.dtype) -> np.ndarray:
-    """Safe casts only (float64 to float32, say); the server checks the rest."""
+    """Casts within a kind (float64 to float32, say); the server checks the rest.
+
+    An integer that does not fit the model's integer type is sent as it is, for
+    the server to refuse, rather than wrapped around to another token.
+    """
     array = np.asarray(array)
-    if array.dtype != dtype and np.can_cast(array.dtype, dtype, "same_kind"):
-        return array.astype(dtype)
-    return array
+    if array.dtype == dtype or not np.can_cast(array.dtype, dtype, "same_kind"):
+        return array
+    cast = array.astype(dtype)
+    if dtype.kind in "iu" and not np.array_equal(cast, array):
+        return array
+    return cast
 
 
 def _state_to_proto(state: Mapping[str, Mapping[str, np.ndarray]]) -> pb.State:

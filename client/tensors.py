@@ -20,7 +20,9 @@ def numpy_dtype(code: int) -> np.dtype:
 def to_proto(array: np.ndarray) -> pb.Tensor:
     array = np.asarray(array)
     if array.dtype.name not in PROTO_DTYPES:
-        raise TypeError(f"expected one of {sorted(PROTO_DTYPES)}, received {array.dtype}")
+        raise TypeError(
+            f"expected one of {sorted(PROTO_DTYPES)}, received {array.dtype}"
+        )
     little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return pb.Tensor(
         dtype=PROTO_DTYPES[array.dtype.name], shape=array.shape, data=little.tobytes()

@@ -25,7 +25,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "0 to 65535", self.port)
-        _require(self.max_sessions >= 1, "max_sessions", "at least 1", self.max_sessions)
+        _require(
+            self.max_sessions >= 1, "max_sessions", "at least 1", self.max_sessions
+        )
         _require(
             self.idle_timeout_s >= 0,
             "idle_timeout_s",
@@ -33,10 +35,16 @@ class Config:
             self.idle_timeout_s,
         )
         _require(
-            self.max_batch_size >= 1, "max_batch_size", "at least 1", self.max_batch_size
+            self.max_batch_size >= 1,
+            "max_batch_size",
+            "at least 1",
+            self.max_batch_size,
         )
         _require(
-            self.worker_threads >= 1, "worker_threads", "at least 1", self.worker_threads
+            self.worker_threads >= 1,
+            "worker_threads",
+            "at least 1",
+            self.worker_threads,
         )
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _require(self.log_level in levels, "log_level", levels, self.log_level)
@@ -49,6 +57,8 @@ class Config:
         parser = argparse.ArgumentParser(
             prog="seqserve-server",
             description="Serve stateful Keras RNN models over gRPC.",
+            # A prefix accepted today would change meaning when a flag is added.
+            allow_abbrev=False,
         )
         for field in dataclasses.fields(cls):
             flag = "--" + field.name.replace("_", "-")
@@ -80,10 +90,18 @@ def _convert(field: dataclasses.Field, raw: object) -> object:
             return Path(text)
         return field.type(text)
     except ValueError:
+        expected = _KINDS.get(field.type, field.type)
         raise ValueError(
-            f"{field.name}: expected a {getattr(field.type, '__name__', field.type)}, "
-            f"received {text!r}"
+            f"{field.name}: expected {expected}, received {text!r}"
         ) from None
+
+
+_KINDS = {
+    bool: "true or false (also 1/0, yes/no)",
+    int: "an integer",
+    float: "a number",
+    str: "text",
+}
 
 
 def _require(ok: bool, name: str, expected: object, received: object) -> None:

@@ -10,10 +10,10 @@ import threading
 import numpy as np
 
 from .config import Config
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, Unavailable
 from .executor import ModelExecutor, StateOp, StepOp, StepResult
 from .models import ServedModel
-from .sessions import Session, SessionRegistry
+from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry
 from .validation import StateEntry, check_inputs, check_state
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ class SequenceCore:
             self._reaper.start()
 
     def model(self, name: str) -> ServedModel:
+        if not name:
+            raise InvalidArgument(
+                "model: expected a model name, received none; loaded models: "
+                f"{sorted(self.models)}"
+            )
         model = self.models.get(name)
         if model is None:
             raise NotFound(
@@ -55,8 +60,9 @@ class SequenceCore:
         try:
             self._run(StateOp("start", session, values))
         except BaseException:
-            self.sessions.remove(session.id, "failed to start")
+            self.sessions.discard(session)
             raise
+        self.sessions.activate(session)
         log.debug("session %s started on model %r", session.id, model.name)
         return session, model
 
@@ -92,7 +98,7 @@ class SequenceCore:
 
     def end_session(self, session_id: str) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
-        session = self.sessions.remove(session_id, "ended by the client")
+        session = self.sessions.remove(session_id, ENDED_BY_CLIENT)
         log.debug("session %s ended", session.id)
         return self._run(StateOp("release", session))
 
@@ -105,8 +111,23 @@ class SequenceCore:
         return self._executors[op.session.model].submit(op).result()
 
     def _reap_idle(self) -> None:
-        interval = min(1.0, self.config.idle_timeout_s / 4)
+        # A session expires between idle_timeout_s and 1.25 times that after its
+        # last call (at most 1 s late for long timeouts).
+        interval = min(1.0, max(0.01, self.config.idle_timeout_s / 4))
         while not self._stopping.wait(interval):
             for session in self.sessions.remove_idle(self.config.idle_timeout_s):
-                log.info("session %s expired after idle timeout", session.id)
-                self._executors[session.model].submit(StateOp("release", session))
+                log.debug("session %s expired after idle timeout", session.id)
+                self._release_expired(session)
+
+    def _release_expired(self, session: Session) -> None:
+        try:
+            future = self._executors[session.model].submit(StateOp("release", session))
+        except Unavailable:
+            return  # shutting down: the whole store goes with the executor
+        future.add_done_callback(_log_failure)
+
+
+def _log_failure(future) -> None:
+    # Nobody waits for an expiry's release, so its failure is logged here.
+    if future.exception() is not None:
+        log.error("releasing an expired session failed", exc_info=future.exception())

@@ -15,9 +15,9 @@ import threading
 
 import numpy as np
 
-from .errors import NotFound, SeqServeError, Unavailable
+from .errors import NotFound, Unavailable
 from .models import ServedModel
-from .sessions import Session
+from .sessions import ENDED_BY_CLIENT, Session, ended_message
 from .state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class ModelExecutor:
         units = tuple(p.units for p in model.state_parts)
         self._store = StateStore(units, model.recurrent_layers)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Orders `submit` against `close`, so nothing is queued behind the stop mark.
+        self._submit_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(
             target=self._loop, name=f"executor-{model.name}", daemon=True
@@ -68,32 +70,38 @@ class ModelExecutor:
         self._thread.start()
 
     def submit(self, op: StepOp | StateOp) -> concurrent.futures.Future:
-        if self._closed:
-            raise Unavailable("the server is shutting down")
-        self._queue.put(op)
+        with self._submit_lock:
+            if self._closed:
+                raise Unavailable("the server is shutting down")
+            self._queue.put(op)
         return op.future
 
     def close(self) -> None:
         """Finishes what was submitted, then stops the thread."""
-        self._closed = True
-        self._queue.put(None)
+        with self._submit_lock:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
 
     def _loop(self) -> None:
         while True:
-            op = self._queue.get()
-            if op is None:
-                return
-            pending = [op]
-            while len(pending) < 4 * self.max_batch_size:
+            pending = [self._queue.get()]
+            while pending[-1] is not None and len(pending) < 4 * self.max_batch_size:
                 try:
                     pending.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if None in pending:  # closing: finish what came before
-                self._run_rounds(pending[: pending.index(None)])
+            closing = pending[-1] is None
+            ops = pending[:-1] if closing else pending
+            try:
+                self._run_rounds(ops)
+            except Exception as error:  # a bug here must not leave callers waiting
+                log.exception("executor of model %r failed", self.model.name)
+                for op in ops:
+                    if not op.future.done():
+                        op.future.set_exception(error)
+            if closing:
                 return
-            self._run_rounds(pending)
 
     def _run_rounds(self, pending: list) -> None:
         """Each round takes at most one operation per session, in submission order."""
@@ -142,26 +150,37 @@ class ModelExecutor:
                 live.append(op)
         if not live:
             return
-        slots = np.fromiter((op.session.slot for op in live), np.intp, len(live))
         try:
-            states, has_output = self._store.gather(slots)
-            _override_states(live, states, has_output)
-            inputs = np.stack([op.inputs for op in live])
-            outputs, states, has_output = self.model.run(inputs, states, has_output)
-            self._store.scatter(slots, states, has_output)
+            results = self._execute(live)
         except Exception as error:  # the batch fails as a whole; no state changed
-            log.exception("step of model %r failed", self.model.name)
+            if len(live) == 1:
+                live[0].future.set_exception(error)
+                return
+            # One session's input can fail a batch (an index past an Embedding's
+            # vocabulary, say); run each alone so only that session sees the error.
             for op in live:
-                op.future.set_exception(error)
+                self._run_steps([op])
             return
-        for row, op in enumerate(live):
-            restarted = op.reset or op.state is not None
-            op.session.timesteps = (0 if restarted else op.session.timesteps) + len(
-                op.inputs
-            )
-            state = [s[row] for s in states] if op.return_state else None
-            result = StepResult([o[row] for o in outputs], state, op.session.timesteps)
+        for op, result in zip(live, results):
             op.future.set_result(result)
+
+    def _execute(self, steps: list[StepOp]) -> list[StepResult]:
+        slots = np.fromiter((op.session.slot for op in steps), np.intp, len(steps))
+        states, has_output = self._store.gather(slots)
+        _override_states(steps, states, has_output)
+        inputs = np.stack([op.inputs for op in steps])
+        outputs, states, has_output = self.model.run(inputs, states, has_output)
+        self._store.scatter(slots, states, has_output)
+
+        results = []
+        for row, op in enumerate(steps):
+            restarted = op.reset or op.state is not None
+            before = 0 if restarted else op.session.timesteps
+            op.session.timesteps = before + len(op.inputs)
+            state = [s[row] for s in states] if op.return_state else None
+            outputs_row = [o[row] for o in outputs]
+            results.append(StepResult(outputs_row, state, op.session.timesteps))
+        return results
 
 
 def _override_states(steps: list[StepOp], states, has_output) -> None:
@@ -176,12 +195,10 @@ def _override_states(steps: list[StepOp], states, has_output) -> None:
 
 
 def _settle(op: StateOp, apply) -> None:
+    # Errors go to the caller, which logs unexpected ones once, at the boundary.
     try:
         op.future.set_result(apply(op))
-    except SeqServeError as error:
-        op.future.set_exception(error)
     except Exception as error:
-        log.exception("state operation %r failed", op.kind)
         op.future.set_exception(error)
 
 
@@ -191,4 +208,4 @@ def _require_live(session: Session) -> None:
 
 
 def _ended_message(session: Session) -> str:
-    return f"session {session.id!r} has ended"
+    return ended_message(session.id, session.end_reason or ENDED_BY_CLIENT)

@@ -46,7 +46,9 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     @_statuses
     def StartSession(self, request, context):
         state = _state(request, "initial_state")
-        session, model = self.core.start_session(request.model, request.session_id, state)
+        session, model = self.core.start_session(
+            request.model, request.session_id, state
+        )
         return pb.StartSessionResponse(session_id=session.id, model=model_info(model))
 
     @_statuses
@@ -75,7 +77,9 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     @_statuses
     def GetState(self, request, context):
         model, values, timesteps = self.core.read_state(request.session_id)
-        return pb.GetStateResponse(state=encode_state(model, values), timesteps=timesteps)
+        return pb.GetStateResponse(
+            state=encode_state(model, values), timesteps=timesteps
+        )
 
     @_statuses
     def SetState(self, request, context):
@@ -85,7 +89,9 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def EndSession(self, request, context):
-        return pb.EndSessionResponse(timesteps=self.core.end_session(request.session_id))
+        return pb.EndSessionResponse(
+            timesteps=self.core.end_session(request.session_id)
+        )
 
 
 def _state(request, field: str):

@@ -11,6 +11,7 @@ from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REMEMBERED_ENDINGS = 100_000
+ENDED_BY_CLIENT = "was ended by the client"
 
 
 @dataclasses.dataclass(eq=False)
@@ -21,7 +22,11 @@ class Session:
     last_used_s: float
     slot: int = -1  # the row in the model's state store; set by its executor
     timesteps: int = 0  # since start, reset or set
+    # False until its state row exists: calls must not reach the executor before
+    # the start operation, or they would touch a row that is not theirs.
+    started: bool = False
     released: bool = False  # set by the executor once the slot is freed
+    end_reason: str = ""  # for calls already in flight when it ended
 
 
 class SessionRegistry:
@@ -37,66 +42,104 @@ class SessionRegistry:
         return len(self._live)
 
     def add(self, model: str, session_id: str) -> Session:
-        if session_id and not SESSION_ID.fullmatch(session_id):
-            raise InvalidArgument(
-                "session_id: expected 1 to 128 characters of [A-Za-z0-9._:-], "
-                f"received {session_id[:140]!r}"
-            )
+        """Reserves the id (minted when empty); invisible to `get` until `activate`."""
+        if session_id:
+            _check_format(session_id)
         now = time.monotonic()
         with self._lock:
+            if session_id in self._live:
+                raise AlreadyExists(
+                    f"session {session_id!r} already exists; propose another id, or "
+                    "leave it empty for the server to mint one"
+                )
             if len(self._live) >= self.max_sessions:
                 raise ResourceExhausted(
                     f"the server holds its maximum of {self.max_sessions} sessions; "
                     "end idle sessions or raise --max-sessions"
                 )
             session_id = session_id or _mint(self._live)
-            if session_id in self._live:
-                raise AlreadyExists(f"session {session_id!r} already exists")
             self._ended.pop(session_id, None)
             session = Session(session_id, model, created_s=now, last_used_s=now)
             self._live[session_id] = session
             return session
 
+    def activate(self, session: Session) -> None:
+        with self._lock:
+            session.started = True
+
+    def discard(self, session: Session) -> None:
+        """Drops a session whose start failed; nobody has seen it, so none is kept."""
+        with self._lock:
+            if self._live.get(session.id) is session:
+                del self._live[session.id]
+
     def get(self, session_id: str) -> Session:
         """Returns the live session and marks it used."""
-        if not session_id:
-            raise InvalidArgument("session_id: expected a session id, received none")
+        _check_given(session_id)
         with self._lock:
-            session = self._live.get(session_id)
-            if session is None:
-                raise NotFound(self._why_missing(session_id))
+            session = self._started(session_id)
             session.last_used_s = time.monotonic()
             return session
 
     def remove(self, session_id: str, reason: str) -> Session:
-        if not session_id:
-            raise InvalidArgument("session_id: expected a session id, received none")
+        _check_given(session_id)
         with self._lock:
-            session = self._live.pop(session_id, None)
-            if session is None:
-                raise NotFound(self._why_missing(session_id))
-            self._remember(session_id, reason)
+            session = self._started(session_id)
+            del self._live[session_id]
+            self._remember(session, reason)
             return session
 
     def remove_idle(self, idle_timeout_s: float) -> list[Session]:
         cutoff = time.monotonic() - idle_timeout_s
+        reason = f"expired after {idle_timeout_s:g} s without a call"
         with self._lock:
-            idle = [s for s in self._live.values() if s.last_used_s < cutoff]
+            idle = [
+                s for s in self._live.values() if s.started and s.last_used_s < cutoff
+            ]
             for session in idle:
                 del self._live[session.id]
-                self._remember(session.id, f"expired after {idle_timeout_s:g} s idle")
+                self._remember(session, reason)
             return idle
 
-    def _remember(self, session_id: str, reason: str) -> None:
-        self._ended[session_id] = reason
+    def _started(self, session_id: str) -> Session:
+        session = self._live.get(session_id)
+        if session is None or not session.started:
+            raise NotFound(self._why_missing(session_id))
+        return session
+
+    def _remember(self, session: Session, reason: str) -> None:
+        session.end_reason = reason
+        self._ended[session.id] = reason
         if len(self._ended) > REMEMBERED_ENDINGS:
             self._ended.popitem(last=False)
 
     def _why_missing(self, session_id: str) -> str:
         reason = self._ended.get(session_id)
         if reason is None:
-            return f"session {session_id!r} is unknown to this server"
-        return f"session {session_id!r} has ended: {reason}"
+            return (
+                f"session {session_id!r} is unknown to this server; start one with "
+                "StartSession"
+            )
+        return ended_message(session_id, reason)
+
+
+def ended_message(session_id: str, reason: str) -> str:
+    return f"session {session_id!r} {reason}; start a new session to continue"
+
+
+def _check_given(session_id: str) -> None:
+    if not session_id:
+        raise InvalidArgument("session_id: expected a session id, received none")
+    _check_format(session_id)
+
+
+def _check_format(session_id: str) -> None:
+    # A malformed id can never name a session, so it is a malformed request.
+    if not SESSION_ID.fullmatch(session_id):
+        raise InvalidArgument(
+            "session_id: expected 1 to 128 characters of [A-Za-z0-9._:-], "
+            f"received {session_id[:140]!r}"
+        )
 
 
 def _mint(taken: dict) -> str:

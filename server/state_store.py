@@ -9,7 +9,12 @@ import numpy as np
 
 
 class StateStore:
-    def __init__(self, units: tuple[int, ...], recurrent_layers: int, capacity: int = 64):
+    def __init__(
+        self, units: tuple[int, ...], recurrent_layers: int, capacity: int = 64
+    ):
+        if capacity < 1:
+            raise ValueError(f"capacity: expected at least 1, received {capacity}")
+        self._capacity = capacity
         self._states = [np.zeros((capacity, n), np.float32) for n in units]
         # Whether each layer has produced an output since its state was set.
         self._has_output = [np.zeros(capacity, bool) for _ in range(recurrent_layers)]
@@ -17,7 +22,7 @@ class StateStore:
 
     @property
     def capacity(self) -> int:
-        return len(self._states[0]) if self._states else 0
+        return self._capacity
 
     def allocate(self) -> int:
         if not self._free:
@@ -25,6 +30,11 @@ class StateStore:
         return self._free.pop()
 
     def release(self, slot: int) -> None:
+        # A bad slot here would later hand one row to two sessions; fail loudly.
+        if not 0 <= slot < self._capacity:
+            raise ValueError(
+                f"slot: expected 0 to {self._capacity - 1}, received {slot}"
+            )
         self._free.append(slot)
 
     def gather(self, slots: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -47,7 +57,8 @@ class StateStore:
         return [s[slot].copy() for s in self._states]
 
     def _grow(self) -> None:
-        old = self.capacity
+        old = self._capacity
+        self._capacity = 2 * old
         self._states = [_doubled(s) for s in self._states]
         self._has_output = [_doubled(h) for h in self._has_output]
         self._free.extend(range(2 * old - 1, old - 1, -1))

@@ -1,5 +1,7 @@
 """Strict conversion between `seqserve.v1.Tensor` messages and numpy arrays."""
 
+import math
+
 import numpy as np
 
 from seqserve.client.tensors import NUMPY_DTYPES, PROTO_DTYPES
@@ -24,17 +26,24 @@ def decode(tensor: pb.Tensor, what: str) -> np.ndarray:
     """
     dtype = NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
+        known = sorted(dtype_name(code) for code in NUMPY_DTYPES)
         raise InvalidArgument(
-            f"{what}: expected dtype one of {sorted(dtype_name(c) for c in NUMPY_DTYPES)},"
-            f" received {dtype_name(tensor.dtype)}"
+            f"{what}: expected dtype one of {known}, received {dtype_name(tensor.dtype)}"
         )
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: expected a shape of sizes >= 0, received {shape}")
-    count = int(np.prod(shape, dtype=np.float64))
+        raise InvalidArgument(
+            f"{what}: expected a shape of sizes >= 0, received {list(shape)}"
+        )
+    count = math.prod(shape)  # exact: float products round for large sizes
     if count * dtype.itemsize != len(tensor.data):
         raise InvalidArgument(
             f"{what}: shape {list(shape)} of {dtype_name(tensor.dtype)} needs "
             f"{count * dtype.itemsize} bytes, received {len(tensor.data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError:  # an empty shape whose other sizes overflow numpy's limit
+        raise InvalidArgument(
+            f"{what}: expected sizes numpy can address, received {list(shape)}"
+        ) from None

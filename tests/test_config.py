@@ -1,0 +1,92 @@
+"""Settings come from flags, then SEQSERVE_* variables, then defaults; bad ones stop."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from seqserve.server.__main__ import main
+from seqserve.server.config import Config
+
+
+def test_defaults_without_flags_or_environment():
+    assert Config.from_args([], environ={}) == Config()
+    assert Config().idle_timeout_s == 0.0
+
+
+def test_flags_set_every_kind_of_field():
+    config = Config.from_args(
+        [
+            "--model-dir=/srv/models",
+            "--port=0",
+            "--max-sessions=7",
+            "--idle-timeout-s=2.5",
+            "--allow-unsafe-deserialization",
+            "--log-level=DEBUG",
+        ],
+        environ={},
+    )
+    assert config.model_dir == Path("/srv/models")
+    assert (config.port, config.max_sessions, config.idle_timeout_s) == (0, 7, 2.5)
+    assert config.allow_unsafe_deserialization is True
+    assert config.log_level == "DEBUG"
+
+
+def test_environment_fills_what_flags_leave_and_flags_win():
+    environ = {
+        "SEQSERVE_PORT": "6000",
+        "SEQSERVE_MAX_BATCH_SIZE": "16",
+        "SEQSERVE_ALLOW_UNSAFE_DESERIALIZATION": "yes",
+        "SEQSERVE_IDLE_TIMEOUT_S": "30",
+        "OTHER_PORT": "1",
+    }
+    config = Config.from_args(["--port", "7000"], environ=environ)
+    assert (config.port, config.max_batch_size, config.idle_timeout_s) == (7000, 16, 30)
+    assert config.allow_unsafe_deserialization is True
+    off = Config.from_args([], environ={"SEQSERVE_ALLOW_UNSAFE_DESERIALIZATION": "0"})
+    assert off.allow_unsafe_deserialization is False
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("port", "http"),
+        ("port", "70000"),
+        ("port", "-1"),
+        ("max_sessions", "0"),
+        ("max_sessions", "1.5"),
+        ("idle_timeout_s", "-1"),
+        ("idle_timeout_s", "nan"),
+        ("max_batch_size", "0"),
+        ("worker_threads", "0"),
+        ("allow_unsafe_deserialization", "maybe"),
+        ("log_level", "LOUD"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(name, value):
+    # Config errors have no status code; naming the setting is the contract.
+    variable = "SEQSERVE_" + name.upper()
+    with pytest.raises(ValueError, match=name):
+        Config.from_args([], environ={variable: value})
+    if name != "allow_unsafe_deserialization":  # a flag without a value
+        with pytest.raises(ValueError, match=name):
+            Config.from_args([f"--{name.replace('_', '-')}={value}"], environ={})
+
+
+@pytest.mark.parametrize("flag", ["--max-session=3", "--timeout=3"])
+def test_unknown_or_abbreviated_flag_stops_with_usage_status(flag):
+    with pytest.raises(SystemExit) as caught:
+        Config.from_args([flag], environ={})
+    assert caught.value.code == 2
+
+
+def test_config_is_frozen_and_validated_at_construction():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().port = 1
+    with pytest.raises(ValueError, match="max_sessions"):
+        Config(max_sessions=0)
+
+
+def test_command_line_reports_a_bad_value_and_exits_2(capsys):
+    assert main(["--port=http"]) == 2
+    assert "port" in capsys.readouterr().err
