@@ -10,7 +10,8 @@ each part of shape [units] for one session.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import queue
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -19,7 +20,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from . import tensors
-from .errors import NotFoundError, from_rpc_error
+from .errors import NotFoundError, SeqServeError, from_code, from_rpc_error
 
 State = dict[str, dict[str, np.ndarray]]
 Outputs = np.ndarray | tuple[np.ndarray, ...]
@@ -97,6 +98,58 @@ class Client:
             request.initial_state.CopyFrom(_state_to_proto(state))
         reply = self._call(self._stub.StartSession, request)
         return Session(self, reply.session_id, ModelInfo.from_proto(reply.model))
+
+    def step_many(
+        self,
+        sessions: Sequence["Session"],
+        inputs: np.ndarray,
+        *,
+        reset: bool = False,
+    ) -> Outputs:
+        """Steps distinct sessions of one model in one message, as one batch.
+
+        `inputs` has shape [sessions, timesteps, *features]; row i feeds
+        sessions[i]. Returns outputs with a leading sessions axis. All or
+        nothing: any invalid item refuses the whole request.
+        """
+        if not sessions:
+            raise ValueError("expected at least one session")
+        request = pb.StepManyRequest(
+            session_ids=[s.id for s in sessions],
+            inputs=tensors.to_proto(_cast(inputs, sessions[0].model.input.dtype)),
+            reset=reset,
+        )
+        reply = self._call(self._stub.StepMany, request)
+        for session, timesteps in zip(sessions, reply.timesteps):
+            session.timesteps = timesteps
+        return _outputs(reply.outputs)
+
+    def step_stream(
+        self, steps: Iterable[tuple["Session", np.ndarray]]
+    ) -> Iterator[Outputs | SeqServeError]:
+        """Sends (session, inputs) pairs on one stream; yields, in the same order,
+        each step's outputs, or the typed error that refused that step (the
+        stream goes on). Steps of one session apply in the order sent."""
+        sent: queue.SimpleQueue = queue.SimpleQueue()
+
+        def requests():
+            for session, inputs in steps:
+                sent.put(session)
+                yield pb.StepRequest(
+                    session_id=session.id,
+                    inputs=tensors.to_proto(_cast(inputs, session.model.input.dtype)),
+                )
+
+        try:
+            for outcome in self._stub.StepStream(requests(), timeout=None):
+                session = sent.get()
+                if outcome.HasField("error"):
+                    yield from_code(outcome.error.code, outcome.error.message)
+                    continue
+                session.timesteps = outcome.response.timesteps
+                yield _outputs(outcome.response.outputs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -192,9 +245,13 @@ class Session:
             request.state.CopyFrom(_state_to_proto(state))
         reply = self._client._call(self._client._stub.Step, request)
         self.timesteps = reply.timesteps
-        outputs = tuple(tensors.to_numpy(t) for t in reply.outputs)
-        single = outputs[0] if len(outputs) == 1 else outputs
-        return single, _state_from_proto(reply.state) if return_state else None
+        state = _state_from_proto(reply.state) if return_state else None
+        return _outputs(reply.outputs), state
+
+
+def _outputs(messages) -> Outputs:
+    outputs = tuple(tensors.to_numpy(t) for t in messages)
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def _cast(array, dtype: np.dtype) -> np.ndarray:

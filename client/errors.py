@@ -49,3 +49,10 @@ _BY_CODE = {
 def from_rpc_error(error: grpc.RpcError) -> SeqServeError:
     code = error.code()
     return _BY_CODE.get(code, SeqServeError)(code, error.details() or "")
+
+
+def from_code(code: int, details: str) -> SeqServeError:
+    """The typed error for a status carried in a message (a stream's outcome)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    status = status or grpc.StatusCode.UNKNOWN
+    return _BY_CODE.get(status, SeqServeError)(status, details)

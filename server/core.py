@@ -6,12 +6,20 @@ the state-touching work to the model's executor and waits for it.
 
 import logging
 import threading
+from concurrent.futures import Future
 
 import numpy as np
 
 from .config import Config
-from .errors import InvalidArgument, NotFound, Unavailable
-from .executor import ModelExecutor, StateOp, StepOp, StepResult
+from .errors import InvalidArgument, NotFound, SeqServeError, Unavailable
+from .executor import (
+    ManyStepOp,
+    ManyStepResult,
+    ModelExecutor,
+    StateOp,
+    StepOp,
+    StepResult,
+)
 from .models import ServedModel
 from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry
 from .validation import StateEntry, check_inputs, check_state
@@ -74,6 +82,18 @@ class SequenceCore:
         reset: bool = False,
         return_state: bool = False,
     ) -> tuple[ServedModel, StepResult]:
+        model, future = self.submit_step(session_id, inputs, state, reset, return_state)
+        return model, future.result()
+
+    def submit_step(
+        self,
+        session_id: str,
+        inputs: np.ndarray,
+        state: list[StateEntry] | None = None,
+        reset: bool = False,
+        return_state: bool = False,
+    ) -> tuple[ServedModel, Future]:
+        """As `step`, without waiting: the future's result is the StepResult."""
         session = self.sessions.get(session_id)
         model = self.models[session.model]
         check_inputs(model, inputs)
@@ -82,8 +102,27 @@ class SequenceCore:
                 "expected either reset or an explicit state, received both"
             )
         values = None if state is None else check_state(model, state, "state")
-        return model, self._run(StepOp(session, inputs, values, reset, return_state))
+        op = StepOp(session, inputs, values, reset, return_state)
+        return model, self._executors[model.name].submit(op)
 
+    def step_many(
+        self,
+        session_ids: list[str],
+        inputs: np.ndarray,
+        reset: bool = False,
+        return_state: bool = False,
+    ) -> tuple[ServedModel, ManyStepResult]:
+        """Steps distinct sessions of one model as one batch; all or nothing."""
+        sessions = self._distinct_sessions(session_ids)
+        model = self.models[sessions[0].model]
+        others = [s for s in sessions if s.model != model.name]
+        if others:
+            raise InvalidArgument(
+                f"session_ids: expected sessions of one model, received sessions "
+                f"of {model.name!r} and {others[0].model!r} ({others[0].id!r})"
+            )
+        check_inputs(model, inputs, sessions=len(sessions))
+        return model, self._run(ManyStepOp(sessions, inputs, reset, return_state))
     def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
         """Reset (state None: zeros) or set a session's state."""
         session = self.sessions.get(session_id)
@@ -102,13 +141,31 @@ class SequenceCore:
         log.debug("session %s ended", session.id)
         return self._run(StateOp("release", session))
 
+    def _distinct_sessions(self, session_ids: list[str]) -> list[Session]:
+        if not session_ids:
+            raise InvalidArgument("session_ids: expected at least one, received none")
+        if len(set(session_ids)) != len(session_ids):
+            seen: set[str] = set()
+            twice = next(i for i in session_ids if i in seen or seen.add(i))
+            raise InvalidArgument(
+                f"session_ids: expected distinct sessions, received {twice!r} twice"
+            )
+        sessions = []
+        for index, session_id in enumerate(session_ids):
+            try:
+                sessions.append(self.sessions.get(session_id))
+            except SeqServeError as error:
+                raise type(error)(f"session_ids[{index}]: {error}") from None
+        return sessions
+
     def close(self) -> None:
         self._stopping.set()
         for executor in self._executors.values():
             executor.close()
 
-    def _run(self, op: StepOp | StateOp):
-        return self._executors[op.session.model].submit(op).result()
+    def _run(self, op: StepOp | StateOp | ManyStepOp):
+        model = op.sessions[0].model if isinstance(op, ManyStepOp) else op.session.model
+        return self._executors[model].submit(op).result()
 
     def _reap_idle(self) -> None:
         # A session expires between idle_timeout_s and 1.25 times that after its

@@ -47,6 +47,26 @@ class StateOp:
     )
 
 
+@dataclasses.dataclass(eq=False)
+class ManyStepOp:
+    """One step of several distinct sessions, run as one batch, all or nothing."""
+
+    sessions: list[Session]
+    inputs: np.ndarray  # [sessions, timesteps, ...], already validated
+    reset: bool
+    return_state: bool
+    future: concurrent.futures.Future = dataclasses.field(
+        default_factory=concurrent.futures.Future
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ManyStepResult:
+    outputs: list[np.ndarray]  # each [sessions, ...]
+    state: list[np.ndarray] | None  # each [sessions, units]
+    timesteps: list[int]
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     outputs: list[np.ndarray]
@@ -69,7 +89,7 @@ class ModelExecutor:
         )
         self._thread.start()
 
-    def submit(self, op: StepOp | StateOp) -> concurrent.futures.Future:
+    def submit(self, op: StepOp | StateOp | ManyStepOp) -> concurrent.futures.Future:
         with self._submit_lock:
             if self._closed:
                 raise Unavailable("the server is shutting down")
@@ -107,19 +127,25 @@ class ModelExecutor:
         """Each round takes at most one operation per session, in submission order."""
         while pending:
             taken: set[int] = set()
-            later, steps_by_length = [], {}
+            later, steps_by_length, many = [], {}, []
             for op in pending:
-                if id(op.session) in taken:
+                sessions = _sessions(op)
+                blocked = any(id(s) in taken for s in sessions)
+                # A deferred operation holds back every later one of its sessions.
+                taken.update(id(s) for s in sessions)
+                if blocked:
                     later.append(op)
-                    continue
-                taken.add(id(op.session))
-                if isinstance(op, StepOp):
+                elif isinstance(op, StepOp):
                     steps_by_length.setdefault(len(op.inputs), []).append(op)
+                elif isinstance(op, ManyStepOp):
+                    many.append(op)
                 else:
                     _settle(op, self._apply_state_op)
             for steps in steps_by_length.values():
                 for start in range(0, len(steps), self.max_batch_size):
                     self._run_steps(steps[start : start + self.max_batch_size])
+            for op in many:
+                _settle(op, self._execute_many)
             pending = later
 
     def _apply_state_op(self, op: StateOp):
@@ -183,6 +209,30 @@ class ModelExecutor:
         return results
 
 
+    def _execute_many(self, op: ManyStepOp) -> ManyStepResult:
+        for session in op.sessions:
+            _require_live(session)
+        slots = np.fromiter((s.slot for s in op.sessions), np.intp, len(op.sessions))
+        states, has_output = self._store.gather(slots)
+        if op.reset:
+            for part in states:
+                part[:] = 0.0
+            for flags in has_output:
+                flags[:] = False
+        outputs, states, has_output = self.model.run(op.inputs, states, has_output)
+        self._store.scatter(slots, states, has_output)
+
+        length = op.inputs.shape[1]
+        for session in op.sessions:
+            session.timesteps = (0 if op.reset else session.timesteps) + length
+        timesteps = [session.timesteps for session in op.sessions]
+        return ManyStepResult(outputs, states if op.return_state else None, timesteps)
+
+
+def _sessions(op) -> list[Session]:
+    return op.sessions if isinstance(op, ManyStepOp) else [op.session]
+
+
 def _override_states(steps: list[StepOp], states, has_output) -> None:
     """Rows that reset or bring their own state start from it, as after `write`."""
     for row, op in enumerate(steps):
@@ -194,7 +244,7 @@ def _override_states(steps: list[StepOp], states, has_output) -> None:
             flags[row] = False
 
 
-def _settle(op: StateOp, apply) -> None:
+def _settle(op: StateOp | ManyStepOp, apply) -> None:
     # Errors go to the caller, which logs unexpected ones once, at the boundary.
     try:
         op.future.set_result(apply(op))

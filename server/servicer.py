@@ -6,6 +6,8 @@ with their traceback; the client sees only a generic detail.
 
 import functools
 import logging
+import queue
+import threading
 
 import grpc
 
@@ -18,6 +20,10 @@ from .errors import SeqServeError
 from .models import ServedModel
 
 log = logging.getLogger(__name__)
+
+# Steps of one stream submitted but not yet answered; past it, reading waits.
+STREAM_WINDOW = 1024
+_END_OF_STREAM = object()
 
 
 def _statuses(method):
@@ -61,13 +67,61 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             reset=request.reset,
             return_state=request.return_state,
         )
-        reply = pb.StepResponse(
+        return _step_reply(model, result)
+
+    @_statuses
+    def StepMany(self, request, context):
+        inputs = tensors.decode(request.inputs, "inputs")
+        model, result = self.core.step_many(
+            list(request.session_ids),
+            inputs,
+            reset=request.reset,
+            return_state=request.return_state,
+        )
+        reply = pb.StepManyResponse(
             outputs=[tensors.encode(x) for x in result.outputs],
             timesteps=result.timesteps,
         )
         if result.state is not None:
             reply.state.CopyFrom(encode_state(model, result.state))
         return reply
+
+    def StepStream(self, request_iterator, context):
+        """Replies in request order; a refused step gets an error outcome and the
+        stream goes on. Steps are submitted as they arrive, so the steps of many
+        sessions on one stream batch together."""
+        pending: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
+        threading.Thread(
+            target=self._submit_stream,
+            args=(request_iterator, pending, context),
+            name="stream-reader",
+            daemon=True,
+        ).start()
+        while (item := pending.get()) is not _END_OF_STREAM:
+            yield _outcome(item)
+
+    def _submit_stream(self, requests, pending: queue.Queue, context) -> None:
+        try:
+            for request in requests:
+                if not _put(pending, self._submit_step(request), context):
+                    return
+        except grpc.RpcError:
+            pass  # the client went away; nothing waits for the replies
+        finally:
+            _put(pending, _END_OF_STREAM, context)
+
+    def _submit_step(self, request):
+        """(model, future) for an accepted step, or the error that refused it."""
+        try:
+            return self.core.submit_step(
+                request.session_id,
+                tensors.decode(request.inputs, "inputs"),
+                state=_state(request, "state"),
+                reset=request.reset,
+                return_state=request.return_state,
+            )
+        except Exception as error:
+            return error
 
     @_statuses
     def Reset(self, request, context):
@@ -92,6 +146,45 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
         return pb.EndSessionResponse(
             timesteps=self.core.end_session(request.session_id)
         )
+
+
+def _put(pending: queue.Queue, item, context) -> bool:
+    """Waits for room in the window while the call is alive; False once it is not."""
+    while context.is_active():
+        try:
+            pending.put(item, timeout=1.0)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _outcome(item) -> pb.StepOutcome:
+    try:
+        if isinstance(item, Exception):
+            raise item
+        model, future = item
+        return pb.StepOutcome(response=_step_reply(model, future.result()))
+    except SeqServeError as error:
+        return pb.StepOutcome(error=_error(error.code, str(error)))
+    except Exception:
+        log.exception("unexpected error in StepStream")
+        internal = grpc.StatusCode.INTERNAL
+        return pb.StepOutcome(error=_error(internal, "internal error; see server log"))
+
+
+def _error(code: grpc.StatusCode, message: str) -> pb.Error:
+    return pb.Error(code=code.value[0], message=message)
+
+
+def _step_reply(model: ServedModel, result) -> pb.StepResponse:
+    reply = pb.StepResponse(
+        outputs=[tensors.encode(x) for x in result.outputs],
+        timesteps=result.timesteps,
+    )
+    if result.state is not None:
+        reply.state.CopyFrom(encode_state(model, result.state))
+    return reply
 
 
 def _state(request, field: str):

@@ -14,20 +14,30 @@ from .models import ServedModel
 StateEntry = tuple[str, str, np.ndarray]
 
 
-def check_inputs(model: ServedModel, inputs: np.ndarray) -> np.ndarray:
+def check_inputs(
+    model: ServedModel, inputs: np.ndarray, sessions: int | None = None
+) -> np.ndarray:
+    """One session's inputs [timesteps, ...], or, with `sessions`, the inputs of
+    that many sessions [sessions, timesteps, ...]."""
     spec = model.input
-    expected_shape = ["timesteps", *spec.shape[1:]]
+    lead = () if sessions is None else (sessions,)
+    expected_shape = [*lead, "timesteps", *spec.shape[1:]]
+    time_axis = len(lead)
     if inputs.dtype != spec.dtype:
         raise InvalidArgument(
             f"inputs: model {model.name!r} expects dtype {spec.dtype.name}, "
             f"received {inputs.dtype.name}"
         )
-    if inputs.ndim != len(spec.shape) or inputs.shape[1:] != spec.shape[1:]:
+    if (
+        inputs.ndim != len(lead) + len(spec.shape)
+        or inputs.shape[:time_axis] != lead
+        or inputs.shape[time_axis + 1 :] != spec.shape[1:]
+    ):
         raise InvalidArgument(
             f"inputs: model {model.name!r} expects shape {expected_shape}, "
             f"received {list(inputs.shape)}"
         )
-    if inputs.shape[0] == 0:
+    if inputs.shape[time_axis] == 0:
         raise InvalidArgument("inputs: expected at least 1 timestep, received 0")
     if inputs.dtype.kind == "f" and not np.isfinite(inputs).all():
         bad = np.argwhere(~np.isfinite(inputs))[0].tolist()

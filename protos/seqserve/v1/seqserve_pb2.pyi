@@ -382,6 +382,137 @@ class StepResponse(_message.Message):
 Global___StepResponse: _TypeAlias = StepResponse  # noqa: Y015
 
 @_typing.final
+class StepManyRequest(_message.Message):
+    """Several sessions of one model, each with the same number of timesteps, in
+    one message. All or nothing: a request with any invalid item is refused
+    whole, with a status naming the item, and changes no state.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    RETURN_STATE_FIELD_NUMBER: _builtins.int
+    reset: _builtins.bool
+    """Reset every session to zeros before stepping."""
+    return_state: _builtins.bool
+    """Return the states after the step."""
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Distinct, live sessions of one model."""
+
+    @_builtins.property
+    def inputs(self) -> Global___Tensor:
+        """Shape [sessions, timesteps, *features]: row i feeds session_ids[i]."""
+
+    def __init__(
+        self,
+        *,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        inputs: Global___Tensor | None = ...,
+        reset: _builtins.bool = ...,
+        return_state: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "reset", b"reset", "return_state", b"return_state", "session_ids", b"session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepManyRequest: _TypeAlias = StepManyRequest  # noqa: Y015
+
+@_typing.final
+class StepManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TIMESTEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """One per model output, with a leading sessions axis in request order:
+        [sessions, timesteps, *output], or [sessions, *output] for a model whose
+        head sees only the last step.
+        """
+
+    @_builtins.property
+    def state(self) -> Global___State:
+        """Each part of shape [sessions, units], when requested."""
+
+    @_builtins.property
+    def timesteps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per session, as in StepResponse."""
+
+    def __init__(
+        self,
+        *,
+        outputs: _abc.Iterable[Global___Tensor] | None = ...,
+        state: Global___State | None = ...,
+        timesteps: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "state", b"state", "timesteps", b"timesteps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepManyResponse: _TypeAlias = StepManyResponse  # noqa: Y015
+
+@_typing.final
+class StepOutcome(_message.Message):
+    """The result of one step, or why it was refused (the session's state is then
+    unchanged).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___StepResponse: ...
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        response: Global___StepResponse | None = ...,
+        error: Global___Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StepOutcome: _TypeAlias = StepOutcome  # noqa: Y015
+
+@_typing.final
+class Error(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code value, as in a gRPC status."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Error: _TypeAlias = Error  # noqa: Y015
+
+@_typing.final
 class ResetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -49,6 +49,16 @@ class SequenceServiceStub:
                 request_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepRequest.SerializeToString,
                 response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepMany = channel.unary_unary(
+                '/seqserve.v1.SequenceService/StepMany',
+                request_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepManyRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepManyResponse.FromString,
+                _registered_method=True)
+        self.StepStream = channel.stream_stream(
+                '/seqserve.v1.SequenceService/StepStream',
+                request_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepOutcome.FromString,
+                _registered_method=True)
         self.Reset = channel.unary_unary(
                 '/seqserve.v1.SequenceService/Reset',
                 request_serializer=seqserve_dot_v1_dot_seqserve__pb2.ResetRequest.SerializeToString,
@@ -90,6 +100,22 @@ class SequenceServiceServicer:
 
     def Step(self, request, context):
         """Feeds one or more timesteps to a session and returns the model's outputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepMany(self, request, context):
+        """Steps many sessions of one model in one message: a backend that ticks
+        1,000 agents sends one request, run as one batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepStream(self, request_iterator, context):
+        """One reply per request, in request order. Steps of one session apply in
+        the order sent; steps of many sessions on one stream are batched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +166,16 @@ def add_SequenceServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepRequest.FromString,
                     response_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepResponse.SerializeToString,
+            ),
+            'StepMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepMany,
+                    request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepManyRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepManyResponse.SerializeToString,
+            ),
+            'StepStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepStream,
+                    request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepOutcome.SerializeToString,
             ),
             'Reset': grpc.unary_unary_rpc_method_handler(
                     servicer.Reset,
@@ -243,6 +279,60 @@ class SequenceService:
             '/seqserve.v1.SequenceService/Step',
             seqserve_dot_v1_dot_seqserve__pb2.StepRequest.SerializeToString,
             seqserve_dot_v1_dot_seqserve__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SequenceService/StepMany',
+            seqserve_dot_v1_dot_seqserve__pb2.StepManyRequest.SerializeToString,
+            seqserve_dot_v1_dot_seqserve__pb2.StepManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/seqserve.v1.SequenceService/StepStream',
+            seqserve_dot_v1_dot_seqserve__pb2.StepRequest.SerializeToString,
+            seqserve_dot_v1_dot_seqserve__pb2.StepOutcome.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,14 @@ class SequenceServiceStub:
     """Starts a session from zeros or from a given state."""
     Step: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.StepRequest, _seqserve_pb2.StepResponse]
     """Feeds one or more timesteps to a session and returns the model's outputs."""
+    StepMany: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.StepManyRequest, _seqserve_pb2.StepManyResponse]
+    """Steps many sessions of one model in one message: a backend that ticks
+    1,000 agents sends one request, run as one batch.
+    """
+    StepStream: _grpc.StreamStreamMultiCallable[_seqserve_pb2.StepRequest, _seqserve_pb2.StepOutcome]
+    """One reply per request, in request order. Steps of one session apply in
+    the order sent; steps of many sessions on one stream are batched.
+    """
     Reset: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.ResetRequest, _seqserve_pb2.ResetResponse]
     """Sets a session back to zeros, or to a given state, keeping it open."""
     GetState: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.GetStateRequest, _seqserve_pb2.GetStateResponse]
@@ -60,6 +68,14 @@ class SequenceServiceAsyncStub(SequenceServiceStub):
     """Starts a session from zeros or from a given state."""
     Step: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.StepRequest, _seqserve_pb2.StepResponse]  # type: ignore[assignment]
     """Feeds one or more timesteps to a session and returns the model's outputs."""
+    StepMany: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.StepManyRequest, _seqserve_pb2.StepManyResponse]  # type: ignore[assignment]
+    """Steps many sessions of one model in one message: a backend that ticks
+    1,000 agents sends one request, run as one batch.
+    """
+    StepStream: _aio.StreamStreamMultiCallable[_seqserve_pb2.StepRequest, _seqserve_pb2.StepOutcome]  # type: ignore[assignment]
+    """One reply per request, in request order. Steps of one session apply in
+    the order sent; steps of many sessions on one stream are batched.
+    """
     Reset: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.ResetRequest, _seqserve_pb2.ResetResponse]  # type: ignore[assignment]
     """Sets a session back to zeros, or to a given state, keeping it open."""
     GetState: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.GetStateRequest, _seqserve_pb2.GetStateResponse]  # type: ignore[assignment]
@@ -93,6 +109,26 @@ class SequenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_seqserve_pb2.StepResponse, _abc.Awaitable[_seqserve_pb2.StepResponse]]:
         """Feeds one or more timesteps to a session and returns the model's outputs."""
+
+    @_abc_1.abstractmethod
+    def StepMany(
+        self,
+        request: _seqserve_pb2.StepManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_seqserve_pb2.StepManyResponse, _abc.Awaitable[_seqserve_pb2.StepManyResponse]]:
+        """Steps many sessions of one model in one message: a backend that ticks
+        1,000 agents sends one request, run as one batch.
+        """
+
+    @_abc_1.abstractmethod
+    def StepStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_seqserve_pb2.StepRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_seqserve_pb2.StepOutcome], _abc.AsyncIterator[_seqserve_pb2.StepOutcome]]:
+        """One reply per request, in request order. Steps of one session apply in
+        the order sent; steps of many sessions on one stream are batched.
+        """
 
     @_abc_1.abstractmethod
     def Reset(
