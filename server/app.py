@@ -4,6 +4,7 @@ import concurrent.futures
 import logging
 
 import grpc
+import threadpoolctl
 
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -20,6 +21,9 @@ class App:
 
     def __init__(self, config: Config):
         self.config = config
+        # Steps are small matrix products; a second BLAS thread fighting the
+        # gRPC threads for two cores made them erratic, 10 to 100 times slower.
+        threadpoolctl.threadpool_limits(limits=1, user_api="blas")
         models = load_model_dir(config.model_dir, config.allow_unsafe_deserialization)
         if not models:
             raise RuntimeError(f"no model could be loaded from {config.model_dir}")

@@ -19,6 +19,7 @@ class Config:
     max_sessions: int = 100_000
     idle_timeout_s: float = 0.0
     max_batch_size: int = 256
+    max_batch_wait_ms: float = 0.0
     worker_threads: int = 32
     allow_unsafe_deserialization: bool = False
     log_level: str = "INFO"
@@ -39,6 +40,12 @@ class Config:
             "max_batch_size",
             "at least 1",
             self.max_batch_size,
+        )
+        _require(
+            self.max_batch_wait_ms >= 0,
+            "max_batch_wait_ms",
+            "0 (take what is queued) or more",
+            self.max_batch_wait_ms,
         )
         _require(
             self.worker_threads >= 1,

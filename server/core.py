@@ -35,7 +35,9 @@ class SequenceCore:
         self.config = config
         self.sessions = SessionRegistry(config.max_sessions)
         self._executors = {
-            name: ModelExecutor(model, config.max_batch_size)
+            name: ModelExecutor(
+                model, config.max_batch_size, config.max_batch_wait_ms
+            )
             for name, model in models.items()
         }
         self._stopping = threading.Event()

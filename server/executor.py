@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -75,9 +76,13 @@ class StepResult:
 
 
 class ModelExecutor:
-    def __init__(self, model: ServedModel, max_batch_size: int):
+    def __init__(
+        self, model: ServedModel, max_batch_size: int, max_batch_wait_ms: float = 0.0
+    ):
         self.model = model
         self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_ms / 1000
+        self._last_collected = 1
         units = tuple(p.units for p in model.state_parts)
         self._store = StateStore(units, model.recurrent_layers)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -105,12 +110,7 @@ class ModelExecutor:
 
     def _loop(self) -> None:
         while True:
-            pending = [self._queue.get()]
-            while pending[-1] is not None and len(pending) < 4 * self.max_batch_size:
-                try:
-                    pending.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            pending = self._collect()
             closing = pending[-1] is None
             ops = pending[:-1] if closing else pending
             try:
@@ -122,6 +122,30 @@ class ModelExecutor:
                         op.future.set_exception(error)
             if closing:
                 return
+
+    def _collect(self) -> list:
+        """What is queued: at least one operation, up to a few batches' worth.
+
+        With a maximum wait, keeps collecting until as many operations came as
+        in the last collection (capped at a batch), or the wait from the first
+        operation is over. So a lone session never waits; without a maximum
+        wait, it takes what is there.
+        """
+        pending = [self._queue.get()]
+        deadline = time.monotonic() + self.max_batch_wait_s
+        expected = min(self._last_collected, self.max_batch_size)
+        while pending[-1] is not None and len(pending) < 4 * self.max_batch_size:
+            wait_s = deadline - time.monotonic()
+            full = len(pending) >= expected
+            try:
+                if wait_s > 0 and not full:
+                    pending.append(self._queue.get(timeout=wait_s))
+                else:
+                    pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._last_collected = len(pending)
+        return pending
 
     def _run_rounds(self, pending: list) -> None:
         """Each round takes at most one operation per session, in submission order."""

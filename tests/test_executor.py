@@ -206,3 +206,33 @@ def test_sessions_past_the_initial_capacity_keep_their_own_state(executor):
         np.testing.assert_array_equal(
             future.result(WAIT_S).state[0], reference([chunk(i % 7, i)])[1]
         )
+
+
+def test_with_a_maximum_wait_a_lone_session_still_runs_at_once(fake):
+    executor = ModelExecutor(fake, max_batch_size=8, max_batch_wait_ms=5_000)
+    try:
+        session = start(executor, "alone")
+        began = time.perf_counter()
+        for value in range(3):
+            step(executor, session, chunk(value)).result(WAIT_S)
+        # Each step would wait 5 s if the executor waited for a batch to fill.
+        assert time.perf_counter() - began < 2.0
+    finally:
+        executor.close()
+
+
+def test_with_a_maximum_wait_steps_arriving_apart_share_a_batch(fake):
+    executor = ModelExecutor(fake, max_batch_size=8, max_batch_wait_ms=2_000)
+    try:
+        first, second = start(executor, "a"), start(executor, "b")
+        fake.batches.clear()
+        # The two starts taught the executor to expect two operations at a time.
+        executor._last_collected = 2
+        pending = [step(executor, first, chunk(1))]
+        time.sleep(0.2)  # well inside the wait, far outside a drain of the queue
+        pending.append(step(executor, second, chunk(2)))
+        for future in pending:
+            future.result(WAIT_S)
+        assert fake.batches == [(2, 1)]
+    finally:
+        executor.close()
