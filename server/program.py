@@ -79,7 +79,7 @@ class _Trace:
             return self.recurrent(index, operation, *args, **kwargs)
         if isinstance(operation, keras.layers.TimeDistributed):
             return _time_distributed(operation, *args, **kwargs)
-        if isinstance(operation, keras.Model) and _holds_recurrent(operation):
+        if isinstance(operation, keras.Model) and _needs_replay(operation):
             outputs = self.run_model(operation, list(args))
             return outputs[0] if len(outputs) == 1 else outputs
         return operation(*args, **kwargs)
@@ -148,5 +148,7 @@ def _time_distributed(wrapper, inputs, mask=None, training=None):
     return outputs
 
 
-def _holds_recurrent(model: keras.Model) -> bool:
-    return any(isinstance(layer, keras.layers.RNN) for layer in model._flatten_layers())
+def _needs_replay(model: keras.Model) -> bool:
+    """Whether a nested model holds a layer that Keras' own call would get wrong."""
+    special = (keras.layers.RNN, keras.layers.TimeDistributed)
+    return any(isinstance(layer, special) for layer in model._flatten_layers())

@@ -24,7 +24,6 @@ CELL_PARTS = {L.LSTMCell: ("h", "c"), L.GRUCell: ("h",), L.SimpleRNNCell: ("h",)
 PER_TIMESTEP = (
     L.InputLayer,
     L.Dense,
-    L.EinsumDense,
     L.Embedding,
     L.Masking,
     L.TimeDistributed,
@@ -146,7 +145,7 @@ class _Walker:
         if graph is None:  # a Sequential never built on an Input
             has_time = inputs_have_time[0]
             for layer in model.layers:
-                has_time = self.layer(layer, [has_time], prefix)
+                has_time = _per_output(self.layer(layer, [has_time], prefix), 1)[0]
             return [has_time]
         known = {id(x): t for x, t in zip(graph.inputs, inputs_have_time)}
         for depth in sorted(graph._nodes_by_depth, reverse=True):
@@ -158,15 +157,15 @@ class _Walker:
                     out = self.layer(node.operation, has_time, prefix)
                 else:
                     out = _check_operation(node, has_time, prefix)
-                for x in node.outputs:
-                    known[id(x)] = out
+                for x, t in zip(node.outputs, _per_output(out, len(node.outputs))):
+                    known[id(x)] = t
         return [known[id(x)] for x in graph.outputs]
 
-    def layer(self, layer, inputs_have_time: list[bool], prefix: str) -> bool:
+    def layer(self, layer, inputs_have_time: list[bool], prefix: str):
+        """Whether the layer's outputs have a time axis: one bool for all, or a list."""
         name = prefix + layer.name
         if isinstance(layer, keras.Model):
-            out = self.model(layer, inputs_have_time, prefix=name + "/")
-            return out[0] if len(set(out)) == 1 else _refuse(name, layer, "mixes outputs")
+            return self.model(layer, inputs_have_time, prefix=name + "/")
         if not any(inputs_have_time):
             return False  # after the sequence: the head sees one vector per session
         if isinstance(layer, L.RNN):
@@ -194,7 +193,9 @@ class _Walker:
                     "keeps float32 state")
         self.seen.add(id(layer))
         self.recurrent.append(RecurrentLayer(name, layer, parts))
-        return bool(layer.return_sequences)
+        # The returned states describe the end of the chunk, never a timestep.
+        states = [False] * len(parts) if layer.return_state else []
+        return [bool(layer.return_sequences), *states]
 
 
 def _check_operation(node, inputs_have_time: list[bool], prefix: str) -> bool:
@@ -217,9 +218,15 @@ def _check_operation(node, inputs_have_time: list[bool], prefix: str) -> bool:
     _refuse(name, operation, "is not known to work one timestep at a time")
 
 
+def _per_output(out, count: int) -> list[bool]:
+    return list(out) if isinstance(out, list) else [out] * count
+
+
 def _check_per_timestep(layer, name: str) -> None:
     if isinstance(layer, PER_TIMESTEP):
         return
+    if isinstance(layer, L.EinsumDense):
+        return _check_einsum(layer, name)
     for cls, attribute in AXIS_ATTRIBUTES.items():
         if isinstance(layer, cls):
             return _check_axes(layer, name, attribute)
@@ -234,7 +241,7 @@ def _check_per_timestep(layer, name: str) -> None:
 def _check_axes(layer, name: str, attribute: str) -> None:
     axes = getattr(layer, attribute)
     axes = [] if axes is None else [axes] if isinstance(axes, int) else list(axes)
-    rank = len(layer.input.shape) if attribute != "shared_axes" else None
+    rank = _input_rank(layer) if attribute != "shared_axes" else None
     for axis in axes:
         # shared_axes count from 1 without the batch axis; the others from 0 with it.
         at_time = axis == 1 if rank is None else axis % rank in (0, 1)
@@ -243,14 +250,34 @@ def _check_axes(layer, name: str, attribute: str) -> None:
                     "which spans the time or batch axis")
 
 
+def _check_einsum(layer, name: str) -> None:
+    """Per timestep when batch and time pass through untouched by the kernel."""
+    lhs, output = layer.equation.split("->")
+    inputs, kernel = lhs.split(",")
+    # Name the axes an ellipsis stands for, so batch and time get letters too.
+    rank = _input_rank(layer)
+    hidden = "0123456789"[: max(0, rank - len(inputs.replace("...", "")))]
+    inputs, output = inputs.replace("...", hidden), output.replace("...", hidden)
+    batch, time = inputs[:2]
+    if output[:2] != batch + time or time in kernel or batch in kernel:
+        _refuse(name, layer, f"has equation {layer.equation!r}, which does not keep "
+                "the batch and time axes apart from the kernel")
+
+
+def _input_rank(layer) -> int:
+    # A layer whose call takes a mask records it as a second input, so
+    # `layer.input` is then a list (BatchNormalization after Masking).
+    return len(keras.tree.flatten(layer.input)[0].shape)
+
+
 def _check_convolution(layer, name: str) -> None:
     kernel = layer.kernel_size[0]
     stride = layer.strides[0]
     if kernel == 1 and stride == 1:
         return
     if layer.padding == "causal":
-        _refuse(name, layer, f"is a causal convolution of kernel size {kernel}; it needs "
-                "the previous inputs, which seqserve does not keep as state yet")
+        _refuse(name, layer, f"is a causal convolution of kernel size {kernel}; it "
+                "needs the previous inputs, which seqserve does not keep as state yet")
     _refuse(name, layer, f"convolves over time (kernel size {kernel}, stride {stride}, "
             f"padding {layer.padding!r}), so its output at step t needs later steps")
 
