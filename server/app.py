@@ -24,7 +24,12 @@ class App:
         # Steps are small matrix products; a second BLAS thread fighting the
         # gRPC threads for two cores made them erratic, 10 to 100 times slower.
         threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-        models = load_model_dir(config.model_dir, config.allow_unsafe_deserialization)
+        models = load_model_dir(
+            config.model_dir,
+            config.allow_unsafe_deserialization,
+            config.execution,
+            config.max_batch_size,
+        )
         if not models:
             raise RuntimeError(f"no model could be loaded from {config.model_dir}")
         self.core = SequenceCore(models, config)

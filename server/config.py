@@ -22,6 +22,9 @@ class Config:
     max_batch_wait_ms: float = 0.0
     worker_threads: int = 32
     allow_unsafe_deserialization: bool = False
+    # "auto": NumPy for plain layer stacks where timing shows it is faster;
+    # "tensorflow": always the traced TensorFlow function.
+    execution: str = "auto"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class Config:
             "at least 1",
             self.worker_threads,
         )
+        executions = ("auto", "tensorflow")
+        _require(self.execution in executions, "execution", executions, self.execution)
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _require(self.log_level in levels, "log_level", levels, self.log_level)
 

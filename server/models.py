@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from .errors import ModelRefused
+from .fastpath import compile_numpy
 from .program import StepProgram
 from .streamability import analyse
 
@@ -45,7 +46,13 @@ class TensorSpec:
 class ServedModel:
     """A loaded model that streams; `run` is safe from one thread at a time."""
 
-    def __init__(self, name: str, model: keras.Model, allow_unsafe: bool):
+    def __init__(
+        self,
+        name: str,
+        model: keras.Model,
+        allow_unsafe: bool,
+        execution: str = "auto",
+    ):
         self.name = name
         analysis = analyse(model, allow_unsafe)
         self.outputs_per_timestep = analysis.outputs_per_timestep
@@ -63,6 +70,18 @@ class ServedModel:
         )
         self._program = StepProgram(model, analysis)
         self._model = model
+        self._numpy = compile_numpy(model, analysis) if execution == "auto" else None
+        # Batches of at least this many sessions run through TensorFlow.
+        self._tensorflow_from_batch = 0 if self._numpy is None else 1 << 62
+
+    @property
+    def execution(self) -> str:
+        """Which path runs a step: "tensorflow", "numpy", or "numpy below N"."""
+        if self._numpy is None or self._tensorflow_from_batch == 0:
+            return "tensorflow"
+        if self._tensorflow_from_batch >= 1 << 62:
+            return "numpy"
+        return f"numpy below batch {self._tensorflow_from_batch}"
 
     @property
     def recurrent_layers(self) -> int:
@@ -73,6 +92,8 @@ class ServedModel:
 
         Returns (outputs, states, has_output) as numpy arrays.
         """
+        if len(inputs) < self._tensorflow_from_batch:
+            return self._numpy.run(inputs, states, has_output)
         outputs, states, has_output = self._program.run(inputs, states, has_output)
         return (
             [np.asarray(x) for x in outputs],
@@ -83,11 +104,42 @@ class ServedModel:
     def zero_states(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, p.units), np.float32) for p in self.state_parts]
 
+    def choose_execution(self, large_batch: int) -> None:
+        """Times both paths on one timestep, at batch 1 and at `large_batch`, and
+        keeps the faster at each size. Both were checked by `self_check`."""
+        if self._numpy is None:
+            return
+        fastest = {}
+        for batch in (1, large_batch):
+            x = np.zeros((batch, 1, *self.input.shape[1:]), self.input.dtype)
+            has = [np.zeros(batch, bool)] * self.recurrent_layers
+            args = (x, self.zero_states(batch), has)
+            fastest[batch] = min(
+                (_seconds_per_call(program.run, args), program)
+                for program in (self._numpy, self._program)
+            )[1] is self._numpy
+        if fastest[1] and fastest[large_batch]:
+            self._tensorflow_from_batch = 1 << 62
+        elif fastest[1]:
+            self._tensorflow_from_batch = max(2, large_batch // 4)
+        else:
+            self._tensorflow_from_batch = 0
+
     def self_check(self, seed: int = 0) -> None:
-        """Streams random input in two chunks and compares with one Keras call.
+        """Streams random input in two chunks and compares with one Keras call,
+        on every execution path the model may use.
 
         Also traces the step function, so the first request is not slow.
         """
+        self._check_path(seed)
+        if self._numpy is not None:
+            saved, self._tensorflow_from_batch = self._tensorflow_from_batch, 0
+            try:
+                self._check_path(seed)
+            finally:
+                self._tensorflow_from_batch = saved
+
+    def _check_path(self, seed: int) -> None:
         batch, length = _check_batch_and_length(self._model)
         cut = max(1, length // 2)
         x = _random_input(self.input, batch, length, seed)
@@ -103,7 +155,9 @@ class ServedModel:
             _compare(index, whole, expected)
 
 
-def load_model_dir(model_dir: Path, allow_unsafe: bool) -> dict[str, ServedModel]:
+def load_model_dir(
+    model_dir: Path, allow_unsafe: bool, execution: str = "auto", large_batch: int = 256
+) -> dict[str, ServedModel]:
     """Loads every model file in `model_dir`; refused files are logged and skipped."""
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
@@ -115,7 +169,9 @@ def load_model_dir(model_dir: Path, allow_unsafe: bool) -> dict[str, ServedModel
             log.error("refused %s: a model named %r is already loaded", path, path.stem)
             continue
         try:
-            models[path.stem] = load_model_file(path, allow_unsafe)
+            models[path.stem] = load_model_file(
+                path, allow_unsafe, execution, large_batch
+            )
         except ModelRefused as refusal:
             log.error("refused %s: %s", path, refusal)
         except Exception:  # a model we failed to foresee must not stop the others
@@ -123,20 +179,24 @@ def load_model_dir(model_dir: Path, allow_unsafe: bool) -> dict[str, ServedModel
     return models
 
 
-def load_model_file(path: Path, allow_unsafe: bool) -> ServedModel:
+def load_model_file(
+    path: Path, allow_unsafe: bool, execution: str = "auto", large_batch: int = 256
+) -> ServedModel:
     """Raises ModelRefused with the reason when the file cannot be served."""
     started = time.perf_counter()
     model = _read(path, allow_unsafe)
-    served = ServedModel(path.stem, model, allow_unsafe)
+    served = ServedModel(path.stem, model, allow_unsafe, execution)
     served.self_check()
+    served.choose_execution(large_batch)
     log.info(
-        "loaded model %r from %s in %.1f s: input %s %s, state %s",
+        "loaded model %r from %s in %.1f s: input %s %s, state %s, runs on %s",
         served.name,
         path,
         time.perf_counter() - started,
         served.input.dtype.name,
         list(served.input.shape),
         ", ".join(f"{p.layer}.{p.part}[{p.units}]" for p in served.state_parts),
+        served.execution,
     )
     return served
 
@@ -229,6 +289,14 @@ def _random_input(spec: TensorSpec, batch: int, length: int, seed: int) -> np.nd
         # Tokens 0 and 1 are valid for any Embedding, and 0 exercises the mask.
         return rng.integers(0, 2, size=shape).astype(spec.dtype)
     return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def _seconds_per_call(function, args, calls: int = 20) -> float:
+    function(*args)  # the first call may trace
+    started = time.perf_counter()
+    for _ in range(calls):
+        function(*args)
+    return (time.perf_counter() - started) / calls
 
 
 def _compare(index: int, streamed: np.ndarray, expected: np.ndarray) -> None:

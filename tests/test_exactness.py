@@ -46,9 +46,12 @@ def zoo_models(zoo_dir) -> dict[str, keras.Model]:
     return zoo.save(zoo.ACCEPTED, zoo_dir)
 
 
-@pytest.fixture(scope="module")
-def app(zoo_dir, zoo_models):
-    with running_server(zoo_dir, allow_unsafe_deserialization=True) as app:
+# Every test runs on both execution paths: "auto" picks NumPy for the plain
+# stacks that it supports, "tensorflow" never does.
+@pytest.fixture(scope="module", params=["auto", "tensorflow"])
+def app(request, zoo_dir, zoo_models):
+    settings = {"allow_unsafe_deserialization": True, "execution": request.param}
+    with running_server(zoo_dir, **settings) as app:
         yield app
 
 
@@ -347,7 +350,7 @@ def test_concurrent_sessions_are_each_exact(app, client, references):
 def test_one_trace_serves_every_chunk_length_and_batch(app, client, references):
     # A retrace per chunk length would cost the first step of every new length.
     reference = references["stacked"]
-    program = app.core.models["stacked"]._program
+    program = app.core.models["stacked"]._program  # the TensorFlow path
     traces = program.run.experimental_get_tracing_count()
     x = sequence(reference, LENGTH, seed=18)
 
