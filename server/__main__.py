@@ -10,7 +10,7 @@ from .config import Config
 
 # TensorFlow reads this when first imported, which happens with the app below.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from .app import App  # noqa: E402
+from .app import App
 
 
 def main(argv: list[str] | None = None) -> int:

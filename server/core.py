@@ -35,9 +35,7 @@ class SequenceCore:
         self.config = config
         self.sessions = SessionRegistry(config.max_sessions)
         self._executors = {
-            name: ModelExecutor(
-                model, config.max_batch_size, config.max_batch_wait_ms
-            )
+            name: ModelExecutor(model, config.max_batch_size, config.max_batch_wait_ms)
             for name, model in models.items()
         }
         self._stopping = threading.Event()
@@ -125,6 +123,7 @@ class SequenceCore:
             )
         check_inputs(model, inputs, sessions=len(sessions))
         return model, self._run(ManyStepOp(sessions, inputs, reset, return_state))
+
     def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
         """Reset (state None: zeros) or set a session's state."""
         session = self.sessions.get(session_id)

@@ -232,7 +232,6 @@ class ModelExecutor:
             results.append(StepResult(outputs_row, state, op.session.timesteps))
         return results
 
-
     def _execute_many(self, op: ManyStepOp) -> ManyStepResult:
         for session in op.sessions:
             _require_live(session)

@@ -19,7 +19,13 @@ import numpy as np
 from .streamability import Analysis
 
 L = keras.layers
-NO_OPS = (L.Dropout, L.SpatialDropout1D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout)
+NO_OPS = (
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+)
 
 
 def _sigmoid(x):
@@ -127,7 +133,9 @@ def _normalization(layer):
     if layer.invert or tuple(layer.axis) not in ((-1,), (len(layer.input.shape) - 1,)):
         return None
     mean = np.asarray(layer.mean, np.float32).reshape(-1)
-    scale = np.maximum(np.sqrt(np.asarray(layer.variance, np.float32)), keras.config.epsilon())
+    scale = np.maximum(
+        np.sqrt(np.asarray(layer.variance, np.float32)), keras.config.epsilon()
+    )
     scale = scale.reshape(-1).astype(np.float32)
     return lambda x: (x - mean) / scale
 
@@ -146,7 +154,9 @@ class _Recurrent:
         self.rec_act = recurrent_activation
         self.kernel = np.asarray(cell.kernel, np.float32)
         self.recurrent_kernel = np.asarray(cell.recurrent_kernel, np.float32)
-        self.bias = np.asarray(cell.bias, np.float32) if cell.use_bias else np.float32(0)
+        self.bias = (
+            np.asarray(cell.bias, np.float32) if cell.use_bias else np.float32(0)
+        )
 
     def __call__(self, x, states):
         states = [np.asarray(s, np.float32) for s in states]

@@ -114,10 +114,13 @@ class ServedModel:
             x = np.zeros((batch, 1, *self.input.shape[1:]), self.input.dtype)
             has = [np.zeros(batch, bool)] * self.recurrent_layers
             args = (x, self.zero_states(batch), has)
-            fastest[batch] = min(
-                (_seconds_per_call(program.run, args), program)
-                for program in (self._numpy, self._program)
-            )[1] is self._numpy
+            fastest[batch] = (
+                min(
+                    (_seconds_per_call(program.run, args), program)
+                    for program in (self._numpy, self._program)
+                )[1]
+                is self._numpy
+            )
         if fastest[1] and fastest[large_batch]:
             self._tensorflow_from_batch = 1 << 62
         elif fastest[1]:

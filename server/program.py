@@ -84,8 +84,9 @@ class _Trace:
             return outputs[0] if len(outputs) == 1 else outputs
         return operation(*args, **kwargs)
 
-    def recurrent(self, index, layer, sequences, mask=None, initial_state=None,
-                  training=None):
+    def recurrent(
+        self, index, layer, sequences, mask=None, initial_state=None, training=None
+    ):
         if initial_state is not None:
             raise ModelRefused(
                 f"layer {layer.name!r} ({type(layer).__name__}) takes its initial "

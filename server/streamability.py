@@ -83,12 +83,41 @@ MIXES_TIME = {
 # Bare keras.ops that a functional graph may record, for example to compute a
 # mask: elementwise ones keep every timestep apart, reductions must spare axis 1.
 ELEMENTWISE = frozenset(
-    "Equal NotEqual Greater GreaterEqual Less LessEqual LogicalAnd LogicalOr "
-    "LogicalNot LogicalXor Add Subtract Multiply Divide TrueDivide Cast Where "
-    "Absolute Exp Log Sqrt Square Tanh Sigmoid Relu Negative Power Maximum "
-    "Minimum Clip Sign".split()
+    [
+        "Equal",
+        "NotEqual",
+        "Greater",
+        "GreaterEqual",
+        "Less",
+        "LessEqual",
+        "LogicalAnd",
+        "LogicalOr",
+        "LogicalNot",
+        "LogicalXor",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Divide",
+        "TrueDivide",
+        "Cast",
+        "Where",
+        "Absolute",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Square",
+        "Tanh",
+        "Sigmoid",
+        "Relu",
+        "Negative",
+        "Power",
+        "Maximum",
+        "Minimum",
+        "Clip",
+        "Sign",
+    ]
 )
-REDUCTIONS = frozenset("Any All Sum Mean Max Min Prod".split())
+REDUCTIONS = frozenset(["Any", "All", "Sum", "Mean", "Max", "Min", "Prod"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +201,12 @@ class _Walker:
             return self._recurrent(layer, name)
         if isinstance(layer, L.Lambda):
             if not self.allow_unsafe:
-                _refuse(name, layer, "holds Python code; it loads only when unsafe "
-                        "deserialization is allowed (--allow-unsafe-deserialization)")
+                _refuse(
+                    name,
+                    layer,
+                    "holds Python code; it loads only when unsafe "
+                    "deserialization is allowed (--allow-unsafe-deserialization)",
+                )
             return True  # trusted by the operator; the load-time self-check tests it
         _check_per_timestep(layer, name)
         return True
@@ -181,16 +214,26 @@ class _Walker:
     def _recurrent(self, layer: L.RNN, name: str) -> bool:
         parts = CELL_PARTS.get(type(layer.cell))
         if parts is None:
-            _refuse(name, layer, f"has a {type(layer.cell).__name__} cell; seqserve "
-                    "streams LSTM, GRU and SimpleRNN cells")
+            _refuse(
+                name,
+                layer,
+                f"has a {type(layer.cell).__name__} cell; seqserve "
+                "streams LSTM, GRU and SimpleRNN cells",
+            )
         if layer.go_backwards:
-            _refuse(name, layer, "has go_backwards=True, so its output at step t "
-                    "needs later steps")
+            _refuse(
+                name,
+                layer,
+                "has go_backwards=True, so its output at step t needs later steps",
+            )
         if id(layer) in self.seen:
             _refuse(name, layer, "is called more than once, so its state is ambiguous")
         if layer.compute_dtype != "float32":
-            _refuse(name, layer, f"computes in {layer.compute_dtype}; seqserve "
-                    "keeps float32 state")
+            _refuse(
+                name,
+                layer,
+                f"computes in {layer.compute_dtype}; seqserve keeps float32 state",
+            )
         self.seen.add(id(layer))
         self.recurrent.append(RecurrentLayer(name, layer, parts))
         # The returned states describe the end of the chunk, never a timestep.
@@ -210,8 +253,12 @@ def _check_operation(node, inputs_have_time: list[bool], prefix: str) -> bool:
         axes = operation.axis
         axes = [axes] if isinstance(axes, int) else list(axes or range(rank))
         if any(axis % rank in (0, 1) for axis in axes):
-            _refuse(name, operation, f"reduces over axis {operation.axis!r}, which "
-                    "spans the time or batch axis")
+            _refuse(
+                name,
+                operation,
+                f"reduces over axis {operation.axis!r}, which "
+                "spans the time or batch axis",
+            )
         return True
     if kind in ELEMENTWISE:
         return True
@@ -246,8 +293,12 @@ def _check_axes(layer, name: str, attribute: str) -> None:
         # shared_axes count from 1 without the batch axis; the others from 0 with it.
         at_time = axis == 1 if rank is None else axis % rank in (0, 1)
         if at_time:
-            _refuse(name, layer, f"has {attribute}={getattr(layer, attribute)!r}, "
-                    "which spans the time or batch axis")
+            _refuse(
+                name,
+                layer,
+                f"has {attribute}={getattr(layer, attribute)!r}, "
+                "which spans the time or batch axis",
+            )
 
 
 def _check_einsum(layer, name: str) -> None:
@@ -260,8 +311,12 @@ def _check_einsum(layer, name: str) -> None:
     inputs, output = inputs.replace("...", hidden), output.replace("...", hidden)
     batch, time = inputs[:2]
     if output[:2] != batch + time or time in kernel or batch in kernel:
-        _refuse(name, layer, f"has equation {layer.equation!r}, which does not keep "
-                "the batch and time axes apart from the kernel")
+        _refuse(
+            name,
+            layer,
+            f"has equation {layer.equation!r}, which does not keep "
+            "the batch and time axes apart from the kernel",
+        )
 
 
 def _input_rank(layer) -> int:
@@ -276,10 +331,18 @@ def _check_convolution(layer, name: str) -> None:
     if kernel == 1 and stride == 1:
         return
     if layer.padding == "causal":
-        _refuse(name, layer, f"is a causal convolution of kernel size {kernel}; it "
-                "needs the previous inputs, which seqserve does not keep as state yet")
-    _refuse(name, layer, f"convolves over time (kernel size {kernel}, stride {stride}, "
-            f"padding {layer.padding!r}), so its output at step t needs later steps")
+        _refuse(
+            name,
+            layer,
+            f"is a causal convolution of kernel size {kernel}; it "
+            "needs the previous inputs, which seqserve does not keep as state yet",
+        )
+    _refuse(
+        name,
+        layer,
+        f"convolves over time (kernel size {kernel}, stride {stride}, "
+        f"padding {layer.padding!r}), so its output at step t needs later steps",
+    )
 
 
 def _refuse(name: str, layer, reason: str):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import pytest
 
-from seqserve.client import Client  # noqa: E402
-from seqserve.server.app import App  # noqa: E402
-from seqserve.server.config import Config  # noqa: E402
+from seqserve.client import Client
+from seqserve.server.app import App
+from seqserve.server.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,12 @@ import grpc
 import numpy as np
 import pytest
 
+from seqserve.client import InvalidArgumentError, NotFoundError
+from seqserve.v1 import seqserve_pb2 as pb
+
 import small_models
 from conftest import client_for, running_server
 from rpc_helpers import stub_for, tensor
-from seqserve.client import InvalidArgumentError, NotFoundError
-from seqserve.v1 import seqserve_pb2 as pb
 
 SESSIONS = 12
 TIMESTEPS = 40

@@ -8,6 +8,9 @@ import threading
 
 import numpy as np
 import pytest
+
+from seqserve.v1 import seqserve_pb2 as pb
+
 from conftest import client_for, running_server
 from rpc_helpers import outputs, stub_for, tensor
 from small_models import (
@@ -18,8 +21,6 @@ from small_models import (
     offline_state,
     save_models,
 )
-
-from seqserve.v1 import seqserve_pb2 as pb
 
 
 @pytest.fixture(scope="module")

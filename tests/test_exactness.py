@@ -11,6 +11,7 @@ import threading
 import keras
 import numpy as np
 import pytest
+
 import zoo
 from conftest import client_for, running_server
 from keras_reference import Reference, state_parts

@@ -5,11 +5,12 @@ import time
 
 import numpy as np
 import pytest
-from fake_model import POISON, FakeModel, chunk, reference
 
 from seqserve.server.errors import NotFound, Unavailable
 from seqserve.server.executor import ModelExecutor, StateOp, StepOp
 from seqserve.server.sessions import Session
+
+from fake_model import POISON, FakeModel, chunk, reference
 
 WAIT_S = 10
 

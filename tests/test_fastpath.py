@@ -31,7 +31,9 @@ SUPPORTED = {
     ),
     "normalised": lambda x: L.Dense(2, activation="sigmoid")(
         L.LSTM(6, use_bias=False)(
-            L.Normalization(mean=np.linspace(-1, 1, FEATURES), variance=np.full(FEATURES, 2.0))(x)
+            L.Normalization(
+                mean=np.linspace(-1, 1, FEATURES), variance=np.full(FEATURES, 2.0)
+            )(x)
         )
     ),
 }
@@ -55,7 +57,9 @@ def test_numpy_step_in_chunks_equals_one_keras_call(name):
         pieces.append(outputs[0])
 
     expected = np.asarray(model(x))
-    streamed = np.concatenate(pieces, axis=1) if analysis.outputs_per_timestep else pieces[-1]
+    streamed = (
+        np.concatenate(pieces, axis=1) if analysis.outputs_per_timestep else pieces[-1]
+    )
     np.testing.assert_allclose(streamed, expected, atol=1e-5)
 
 

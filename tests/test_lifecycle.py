@@ -7,10 +7,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import client_for, running_server
-from fake_model import FakeModel, chunk
-from rpc_helpers import refusal, stub_for
-from small_models import embedding_model, frames, lstm_model, save_models
 
 from seqserve.client import (
     AlreadyExistsError,
@@ -26,6 +22,11 @@ from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
 from seqserve.server.errors import NotFound
 from seqserve.v1 import seqserve_pb2 as pb
+
+from conftest import client_for, running_server
+from fake_model import FakeModel, chunk
+from rpc_helpers import refusal, stub_for
+from small_models import embedding_model, frames, lstm_model, save_models
 
 IDLE_TIMEOUT_S = 1.5
 
@@ -185,9 +186,8 @@ def test_session_context_manager_ends_the_session(client, rng):
     with pytest.raises(NotFoundError):
         session.get_state()
 
-    with pytest.raises(KeyError):
-        with client.start_session("lstm") as failing:
-            raise KeyError("the caller's own error")
+    with pytest.raises(KeyError), client.start_session("lstm") as failing:
+        raise KeyError("the caller's own error")
     with pytest.raises(NotFoundError):
         failing.get_state()
 

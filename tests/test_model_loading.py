@@ -9,13 +9,15 @@ import logging
 import keras
 import numpy as np
 import pytest
-import zoo
-from conftest import client_for, running_server
-from keras_reference import state_parts
+
 from seqserve.server import models as models_module
 from seqserve.server import program as program_module
 from seqserve.server.errors import ModelRefused
 from seqserve.server.models import load_model_dir, load_model_file
+
+import zoo
+from conftest import client_for, running_server
+from keras_reference import state_parts
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation:DeprecationWarning"  # Keras 3.15's own save

@@ -21,7 +21,14 @@ def test_generated_code_is_up_to_date(tmp_path):
     fresh = tmp_path / "seqserve" / "v1"
     names = sorted(p.name for p in fresh.iterdir())
     assert names == sorted(
-        ["seqserve_pb2.py", "seqserve_pb2.pyi", "seqserve_pb2_grpc.py", "seqserve_pb2_grpc.pyi"]
+        [
+            "seqserve_pb2.py",
+            "seqserve_pb2.pyi",
+            "seqserve_pb2_grpc.py",
+            "seqserve_pb2_grpc.pyi",
+        ]
     )
     match, mismatch, errors = filecmp.cmpfiles(fresh, GENERATED, names, shallow=False)
-    assert (mismatch, errors) == ([], []), "run protos/generate.sh and commit the result"
+    assert (mismatch, errors) == ([], []), (
+        "run protos/generate.sh and commit the result"
+    )

@@ -8,8 +8,11 @@ exactly as one offline Keras call on the whole sequence would.
 
 import numpy as np
 import pytest
-from conftest import running_server
 from grpc import StatusCode
+
+from seqserve.v1 import seqserve_pb2 as pb
+
+from conftest import running_server
 from rpc_helpers import (
     outputs,
     raw_tensor,
@@ -30,8 +33,6 @@ from small_models import (
     offline_outputs,
     save_models,
 )
-
-from seqserve.v1 import seqserve_pb2 as pb
 
 F32 = pb.DATA_TYPE_FLOAT32
 PER_TIMESTEP = {"lstm": True, "gru": False, "tokens": False}

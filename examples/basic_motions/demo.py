@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import load_ts
 from seqserve.client import Client
+
+from dataset import load_ts
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -76,14 +77,18 @@ def main() -> int:
         predicted = classes[trace[-1].argmax()]
         correct += predicted == label
         mark = "ok" if predicted == label else "WRONG"
-        print(f"recording {index:2d} {label:9s} live {live_summary(trace, classes)}"
-              f"  final {predicted:9s} p={trace[-1].max():.2f} {mark}")
+        print(
+            f"recording {index:2d} {label:9s} live {live_summary(trace, classes)}"
+            f"  final {predicted:9s} p={trace[-1].max():.2f} {mark}"
+        )
     print(f"accuracy: {correct / len(labels):.3f} ({correct}/{len(labels)})")
 
     errors = largest_difference(args.model_file, recordings, traces)
     equal = int((errors <= TOLERANCE).sum())
-    print(f"streamed equals offline Keras for {equal}/{len(errors)} recordings "
-          f"(max abs difference {errors.max():.2e}, tolerance {TOLERANCE:g})")
+    print(
+        f"streamed equals offline Keras for {equal}/{len(errors)} recordings "
+        f"(max abs difference {errors.max():.2e}, tolerance {TOLERANCE:g})"
+    )
     return 0 if equal == len(errors) else 1
 
 
