@@ -17,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import threadpoolctl
 
 from seqserve.server.models import load_model_file
 
@@ -43,12 +44,14 @@ def compute_cells(kind: str, path: Path, plan: dict) -> list[Cell]:
     """seqserve's batched step, `ServedModel.run`, at each session count as batch.
 
     The states it returns feed the next call, as the server's state store would.
+    BLAS gets one thread, as in the server (see server/app.py).
     """
-    served = load_model_file(path, False)
-    cells = []
-    for batch in plan["sessions"]:
-        cell = Cell(kind="compute", style="in-process", sessions=batch, model=kind)
-        cells.append(_measure(cell, _batched_step(served, batch), batch, plan))
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        served = load_model_file(path, False)
+        cells = []
+        for batch in plan["sessions"]:
+            cell = Cell(kind="compute", style="in-process", sessions=batch, model=kind)
+            cells.append(_measure(cell, _batched_step(served, batch), batch, plan))
     return cells
 
 

@@ -15,7 +15,8 @@ METHOD = [
     ),
     (
         "compute: `load_model_file(path, False).run(inputs[batch, 1, 32], states, "
-        "has_output)` in one process, states fed back, batch = sessions. seqserve "
+        "has_output)` in one process, states fed back, batch = sessions, BLAS "
+        "limited to one thread as in the server. seqserve "
         "runs at most max_batch_size sessions per call (256 by default), so larger "
         "batches are a ceiling it cannot reach with that setting."
     ),

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .config import Config
-from .errors import InvalidArgument, NotFound, SeqServeError, Unavailable
+from .errors import InvalidArgument, NotFound, Unavailable
 from .executor import (
     ManyStepOp,
     ManyStepResult,
@@ -151,13 +151,7 @@ class SequenceCore:
             raise InvalidArgument(
                 f"session_ids: expected distinct sessions, received {twice!r} twice"
             )
-        sessions = []
-        for index, session_id in enumerate(session_ids):
-            try:
-                sessions.append(self.sessions.get(session_id))
-            except SeqServeError as error:
-                raise type(error)(f"session_ids[{index}]: {error}") from None
-        return sessions
+        return self.sessions.get_many(session_ids)
 
     def close(self) -> None:
         self._stopping.set()

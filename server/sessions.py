@@ -6,8 +6,15 @@ import re
 import secrets
 import threading
 import time
+from typing import NoReturn
 
-from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from .errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SeqServeError,
+)
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REMEMBERED_ENDINGS = 100_000
@@ -80,6 +87,24 @@ class SessionRegistry:
             session = self._started(session_id)
             session.last_used_s = time.monotonic()
             return session
+
+    def get_many(self, session_ids: list[str]) -> list[Session]:
+        """As `get` for each id, under one lock; errors name the item's index."""
+        now = time.monotonic()
+        with self._lock:
+            sessions = [self._live.get(i) for i in session_ids]
+            for index, session in enumerate(sessions):
+                if session is None or not session.started:
+                    self._refuse_item(index, session_ids[index])
+                session.last_used_s = now
+            return sessions
+
+    def _refuse_item(self, index: int, session_id: str) -> NoReturn:
+        try:
+            _check_given(session_id)
+            self._started(session_id)
+        except SeqServeError as error:
+            raise type(error)(f"session_ids[{index}]: {error}") from None
 
     def remove(self, session_id: str, reason: str) -> Session:
         _check_given(session_id)
