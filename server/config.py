@@ -25,6 +25,9 @@ class Config:
     # "auto": NumPy for plain layer stacks where timing shows it is faster;
     # "tensorflow": always the traced TensorFlow function.
     execution: str = "auto"
+    # Where session states live. "auto": in TensorFlow variables (on the GPU)
+    # when TensorFlow sees a GPU, else in host arrays; "host"; "tensorflow".
+    state_storage: str = "auto"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -58,6 +61,13 @@ class Config:
         )
         executions = ("auto", "tensorflow")
         _require(self.execution in executions, "execution", executions, self.execution)
+        storages = ("auto", "host", "tensorflow")
+        _require(
+            self.state_storage in storages,
+            "state_storage",
+            storages,
+            self.state_storage,
+        )
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _require(self.log_level in levels, "log_level", levels, self.log_level)
 

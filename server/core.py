@@ -11,6 +11,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .config import Config
+from .device_state import tensorflow_sees_a_gpu
 from .errors import InvalidArgument, NotFound, Unavailable
 from .executor import (
     ManyStepOp,
@@ -35,7 +36,12 @@ class SequenceCore:
         self.config = config
         self.sessions = SessionRegistry(config.max_sessions)
         self._executors = {
-            name: ModelExecutor(model, config.max_batch_size, config.max_batch_wait_ms)
+            name: ModelExecutor(
+                model,
+                config.max_batch_size,
+                config.max_batch_wait_ms,
+                state_on_device=_states_on_device(config),
+            )
             for name, model in models.items()
         }
         self._stopping = threading.Event()
@@ -177,6 +183,20 @@ class SequenceCore:
         except Unavailable:
             return  # shutting down: the whole store goes with the executor
         future.add_done_callback(_log_failure)
+
+
+def _states_on_device(config: Config) -> bool:
+    if config.state_storage == "auto":
+        on_device = tensorflow_sees_a_gpu()
+    else:
+        on_device = config.state_storage == "tensorflow"
+    log.info(
+        "session states kept in %s",
+        "TensorFlow variables (every step runs through TensorFlow)"
+        if on_device
+        else "host arrays",
+    )
+    return on_device
 
 
 def _log_failure(future) -> None:

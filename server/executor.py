@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .device_state import TensorFlowStateStore
 from .errors import NotFound, Unavailable
 from .models import ServedModel
 from .sessions import ENDED_BY_CLIENT, Session, ended_message
@@ -77,14 +78,19 @@ class StepResult:
 
 class ModelExecutor:
     def __init__(
-        self, model: ServedModel, max_batch_size: int, max_batch_wait_ms: float = 0.0
+        self,
+        model: ServedModel,
+        max_batch_size: int,
+        max_batch_wait_ms: float = 0.0,
+        state_on_device: bool = False,
     ):
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000
         self._last_collected = 1
         units = tuple(p.units for p in model.state_parts)
-        self._store = StateStore(units, model.recurrent_layers)
+        store = TensorFlowStateStore if state_on_device else StateStore
+        self._store = store(units, model.recurrent_layers)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Orders `submit` against `close`, so nothing is queued behind the stop mark.
         self._submit_lock = threading.Lock()
@@ -217,10 +223,12 @@ class ModelExecutor:
     def _execute(self, steps: list[StepOp]) -> list[StepResult]:
         slots = np.fromiter((op.session.slot for op in steps), np.intp, len(steps))
         states, has_output = self._store.gather(slots)
-        _override_states(steps, states, has_output)
+        states, has_output = self._restart_rows(steps, states, has_output)
         inputs = np.stack([op.inputs for op in steps])
-        outputs, states, has_output = self.model.run(inputs, states, has_output)
+        outputs, states, has_output = self._run_model(inputs, states, has_output)
         self._store.scatter(slots, states, has_output)
+        if any(op.return_state for op in steps):
+            states = [np.asarray(part) for part in states]
 
         results = []
         for row, op in enumerate(steps):
@@ -232,18 +240,40 @@ class ModelExecutor:
             results.append(StepResult(outputs_row, state, op.session.timesteps))
         return results
 
+    def _run_model(self, inputs, states, has_output):
+        return self.model.run(
+            inputs, states, has_output, on_device=self._store.on_device
+        )
+
+    def _restart_rows(self, steps: list[StepOp], states, has_output):
+        """Rows that reset or bring their own state start from it, as after a
+        write, and output zeros at masked steps before their first unmasked one."""
+        restart = np.array([op.reset or op.state is not None for op in steps])
+        if not restart.any():
+            return states, has_output
+        given = [np.zeros(tuple(part.shape), np.float32) for part in states]
+        for row, op in enumerate(steps):
+            for index, value in enumerate(op.state or ()):
+                given[index][row] = value
+        where = self._store.where
+        no_output = np.zeros(len(steps), bool)
+        states = [where(restart[:, None], g, s) for g, s in zip(given, states)]
+        has_output = [where(restart, no_output, h) for h in has_output]
+        return states, has_output
+
     def _execute_many(self, op: ManyStepOp) -> ManyStepResult:
         for session in op.sessions:
             _require_live(session)
         slots = np.fromiter((s.slot for s in op.sessions), np.intp, len(op.sessions))
-        states, has_output = self._store.gather(slots)
         if op.reset:
-            for part in states:
-                part[:] = 0.0
-            for flags in has_output:
-                flags[:] = False
-        outputs, states, has_output = self.model.run(op.inputs, states, has_output)
+            states = self.model.zero_states(len(slots))
+            has_output = [np.zeros(len(slots), bool)] * self.model.recurrent_layers
+        else:
+            states, has_output = self._store.gather(slots)
+        outputs, states, has_output = self._run_model(op.inputs, states, has_output)
         self._store.scatter(slots, states, has_output)
+        if op.return_state:
+            states = [np.asarray(part) for part in states]
 
         length = op.inputs.shape[1]
         for session in op.sessions:
@@ -254,17 +284,6 @@ class ModelExecutor:
 
 def _sessions(op) -> list[Session]:
     return op.sessions if isinstance(op, ManyStepOp) else [op.session]
-
-
-def _override_states(steps: list[StepOp], states, has_output) -> None:
-    """Rows that reset or bring their own state start from it, as after `write`."""
-    for row, op in enumerate(steps):
-        if not (op.reset or op.state is not None):
-            continue
-        for index, part in enumerate(states):
-            part[row] = 0.0 if op.state is None else op.state[index]
-        for flags in has_output:
-            flags[row] = False
 
 
 def _settle(op: StateOp | ManyStepOp, apply) -> None:

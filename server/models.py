@@ -87,11 +87,16 @@ class ServedModel:
     def recurrent_layers(self) -> int:
         return len(self.layer_first_part)
 
-    def run(self, inputs, states, has_output):
+    def run(self, inputs, states, has_output, on_device: bool = False):
         """One batched step: inputs [batch, time, ...], states [batch, units] each.
 
-        Returns (outputs, states, has_output) as numpy arrays.
+        Returns (outputs, states, has_output) as numpy arrays; with `on_device`,
+        always through TensorFlow, and states and flags stay TensorFlow tensors
+        where they were computed (on the GPU, if there is one).
         """
+        if on_device:
+            outputs, states, has_output = self._program.run(inputs, states, has_output)
+            return [np.asarray(x) for x in outputs], states, has_output
         if len(inputs) < self._tensorflow_from_batch:
             return self._numpy.run(inputs, states, has_output)
         outputs, states, has_output = self._program.run(inputs, states, has_output)

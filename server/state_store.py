@@ -9,6 +9,9 @@ import numpy as np
 
 
 class StateStore:
+    on_device = False  # the rows are host arrays
+    where = staticmethod(np.where)
+
     def __init__(
         self, units: tuple[int, ...], recurrent_layers: int, capacity: int = 64
     ):

@@ -38,7 +38,7 @@ class FakeModel:
     def release(self) -> None:
         self._gate.set()
 
-    def run(self, inputs, states, has_output):
+    def run(self, inputs, states, has_output, on_device=False):
         self.entered.set()
         assert self._gate.wait(timeout=30), "the test never released the model"
         self.batches.append(inputs.shape[:2])

@@ -22,11 +22,13 @@ def lstm():
     return small_models.lstm_model()
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, lstm):
+# With states in host arrays, and in TensorFlow variables as on a GPU.
+@pytest.fixture(scope="module", params=["host", "tensorflow"])
+def app(request, tmp_path_factory, lstm):
     directory = tmp_path_factory.mktemp("models")
     models = {"lstm": lstm, "gru": small_models.gru_model()}
-    with running_server(small_models.save_models(directory, models)) as app:
+    model_dir = small_models.save_models(directory, models)
+    with running_server(model_dir, state_storage=request.param) as app:
         yield app
 
 

@@ -47,11 +47,21 @@ def zoo_models(zoo_dir) -> dict[str, keras.Model]:
     return zoo.save(zoo.ACCEPTED, zoo_dir)
 
 
-# Every test runs on both execution paths: "auto" picks NumPy for the plain
-# stacks that it supports, "tensorflow" never does.
-@pytest.fixture(scope="module", params=["auto", "tensorflow"])
+# Every test runs on each execution path: "auto" picks NumPy for the plain
+# stacks that it supports, "tensorflow" never does; and with the states kept in
+# TensorFlow variables, as on a GPU.
+@pytest.fixture(
+    scope="module",
+    params=[("auto", "host"), ("tensorflow", "host"), ("tensorflow", "tensorflow")],
+    ids=["auto", "tensorflow", "tensorflow-states"],
+)
 def app(request, zoo_dir, zoo_models):
-    settings = {"allow_unsafe_deserialization": True, "execution": request.param}
+    execution, state_storage = request.param
+    settings = {
+        "allow_unsafe_deserialization": True,
+        "execution": execution,
+        "state_storage": state_storage,
+    }
     with running_server(zoo_dir, **settings) as app:
         yield app
 

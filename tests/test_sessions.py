@@ -14,6 +14,7 @@ from seqserve.server.errors import (
     ResourceExhausted,
 )
 from seqserve.server.sessions import SessionRegistry
+from seqserve.server.device_state import TensorFlowStateStore
 from seqserve.server.state_store import StateStore
 
 
@@ -101,8 +102,14 @@ def test_missing_sessions_say_why(monkeypatch):
     assert idle.end_reason and ended.end_reason
 
 
-def test_store_grows_keeping_rows_and_flags():
-    store = StateStore(units=(3, 2), recurrent_layers=1, capacity=2)
+# Host arrays, and TensorFlow variables (on the GPU when there is one; here on
+# the CPU, which runs the same code).
+stores = pytest.mark.parametrize("store_type", [StateStore, TensorFlowStateStore])
+
+
+@stores
+def test_store_grows_keeping_rows_and_flags(store_type):
+    store = store_type(units=(3, 2), recurrent_layers=1, capacity=2)
     slots = [store.allocate() for _ in range(2)]
     for slot in slots:
         state = [np.full(3, slot + 1.0, "f4"), np.full(2, -slot - 1.0, "f4")]
@@ -117,11 +124,12 @@ def test_store_grows_keeping_rows_and_flags():
         np.testing.assert_array_equal(h, np.full(3, slot + 1.0))
         np.testing.assert_array_equal(c, np.full(2, -slot - 1.0))
     _, flags = store.gather(np.array(slots + grown))
-    assert flags[0].tolist() == [True, True, False, False, False]
+    assert np.asarray(flags[0]).tolist() == [True, True, False, False, False]
 
 
-def test_store_reuses_freed_slots_and_write_starts_them_over():
-    store = StateStore(units=(2,), recurrent_layers=1, capacity=4)
+@stores
+def test_store_reuses_freed_slots_and_write_starts_them_over(store_type):
+    store = store_type(units=(2,), recurrent_layers=1, capacity=4)
     slots = [store.allocate() for _ in range(4)]
     store.scatter(np.array(slots), [np.ones((4, 2), "f4")], [np.ones(4, bool)])
     store.release(slots[1])
@@ -132,11 +140,12 @@ def test_store_reuses_freed_slots_and_write_starts_them_over():
     assert reused == slots[1] and store.capacity == 4
     states, flags = store.gather(np.array(slots))
     np.testing.assert_array_equal(states[0][:, 0], [1, 0, 1, 1])
-    assert flags[0].tolist() == [True, False, True, True]
+    assert np.asarray(flags[0]).tolist() == [True, False, True, True]
 
 
-def test_store_read_is_a_copy_and_release_refuses_bad_slots():
-    store = StateStore(units=(2,), recurrent_layers=1, capacity=2)
+@stores
+def test_store_read_is_a_copy_and_release_refuses_bad_slots(store_type):
+    store = store_type(units=(2,), recurrent_layers=1, capacity=2)
     slot = store.allocate()
     store.write(slot, [np.array([1.0, 2.0], "f4")])
     store.read(slot)[0][:] = 9
