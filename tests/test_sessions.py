@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from seqserve.server import sessions as sessions_module
+from seqserve.server.device_state import TensorFlowStateStore
 from seqserve.server.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -14,7 +15,6 @@ from seqserve.server.errors import (
     ResourceExhausted,
 )
 from seqserve.server.sessions import SessionRegistry
-from seqserve.server.device_state import TensorFlowStateStore
 from seqserve.server.state_store import StateStore
 
 
