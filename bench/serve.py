@@ -42,6 +42,7 @@ def main() -> None:
 
 def serve_echo(config: Config):
     """The echo servicer behind the same server settings as seqserve's App."""
+    sys.setswitchinterval(50e-6)  # as App does (seqserve.server.app.SWITCH_INTERVAL_S)
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=config.worker_threads),
         maximum_concurrent_rpcs=None,
