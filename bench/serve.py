@@ -46,6 +46,7 @@ def serve_echo(config: Config):
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=config.worker_threads),
         maximum_concurrent_rpcs=None,
+        options=[("grpc.so_reuseport", 0)],  # as App (SERVER_OPTIONS)
     )
     echo.add_to_server(server)
     port = server.add_insecure_port(f"{config.host}:0")

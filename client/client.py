@@ -168,7 +168,8 @@ class Client:
 
 
 class Session:
-    """One server-side session. Calls on one session apply in the order made.
+    """One server-side session. Calls on one session apply in the order the
+    server receives them: one after another when each is waited for, as here.
 
     Use it as a context manager to end the session on exit.
     """
@@ -257,14 +258,18 @@ def _outputs(messages) -> Outputs:
 def _cast(array, dtype: np.dtype) -> np.ndarray:
     """Casts within a kind (float64 to float32, say); the server checks the rest.
 
-    An integer that does not fit the model's integer type is sent as it is, for
-    the server to refuse, rather than wrapped around to another token.
+    Integers stay integers and floats floats. A value that does not survive
+    the cast (an integer out of range, a float64 past float32's range) is sent
+    as it is, for the server to refuse, rather than turned into another value.
     """
     array = np.asarray(array)
-    if array.dtype == dtype or not np.can_cast(array.dtype, dtype, "same_kind"):
+    if array.dtype == dtype or array.dtype.kind != dtype.kind:
         return array
-    cast = array.astype(dtype)
-    if dtype.kind in "iu" and not np.array_equal(cast, array):
+    with np.errstate(over="ignore"):
+        cast = array.astype(dtype)
+    if dtype.kind == "i" and not np.array_equal(cast, array):
+        return array
+    if dtype.kind == "f" and not np.array_equal(np.isfinite(cast), np.isfinite(array)):
         return array
     return cast
 

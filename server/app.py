@@ -17,6 +17,9 @@ from .servicer import SequenceServicer
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 50e-6
+# Without this, gRPC lets a second server bind a port in use, and clients are
+# split between the two.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class App:
@@ -46,14 +49,19 @@ class App:
                 max_workers=config.worker_threads, thread_name_prefix="grpc"
             ),
             maximum_concurrent_rpcs=None,
+            options=SERVER_OPTIONS,
         )
         pb_grpc.add_SequenceServiceServicer_to_server(
             SequenceServicer(self.core), self.server
         )
         address = f"{config.host}:{config.port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {address}")
+            self.core.close()
+            raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
         log.info(
             "listening on %s:%d with models %s", config.host, self.port, sorted(models)

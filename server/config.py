@@ -20,6 +20,9 @@ class Config:
     idle_timeout_s: float = 0.0
     max_batch_size: int = 256
     max_batch_wait_ms: float = 0.0
+    # Timesteps in one Step (per session in StepMany): a long step holds up
+    # every other session of its model while it runs.
+    max_timesteps: int = 10_000
     worker_threads: int = 32
     allow_unsafe_deserialization: bool = False
     # "auto": NumPy for plain layer stacks where timing shows it is faster;
@@ -36,7 +39,7 @@ class Config:
             self.max_sessions >= 1, "max_sessions", "at least 1", self.max_sessions
         )
         _require(
-            self.idle_timeout_s >= 0,
+            0 <= self.idle_timeout_s < float("inf"),
             "idle_timeout_s",
             "0 (off) or more",
             self.idle_timeout_s,
@@ -48,10 +51,16 @@ class Config:
             self.max_batch_size,
         )
         _require(
-            self.max_batch_wait_ms >= 0,
+            0 <= self.max_batch_wait_ms <= 10_000,
             "max_batch_wait_ms",
-            "0 (take what is queued) or more",
+            "0 (take what is queued) to 10000",
             self.max_batch_wait_ms,
+        )
+        _require(
+            1 <= self.max_timesteps <= 10_000_000,
+            "max_timesteps",
+            "1 to 10000000",
+            self.max_timesteps,
         )
         _require(
             self.worker_threads >= 1,

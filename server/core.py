@@ -102,7 +102,7 @@ class SequenceCore:
         """As `step`, without waiting: the future's result is the StepResult."""
         session = self.sessions.get(session_id)
         model = self.models[session.model]
-        check_inputs(model, inputs)
+        check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
         if reset and state is not None:
             raise InvalidArgument(
                 "expected either reset or an explicit state, received both"
@@ -127,7 +127,12 @@ class SequenceCore:
                 f"session_ids: expected sessions of one model, received sessions "
                 f"of {model.name!r} and {others[0].model!r} ({others[0].id!r})"
             )
-        check_inputs(model, inputs, sessions=len(sessions))
+        check_inputs(
+            model,
+            inputs,
+            sessions=len(sessions),
+            max_timesteps=self.config.max_timesteps,
+        )
         return model, self._run(ManyStepOp(sessions, inputs, reset, return_state))
 
     def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:

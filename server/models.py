@@ -64,6 +64,8 @@ class ServedModel:
         # For each recurrent layer, the index of its first part (its `h`).
         self.layer_first_part = _first_parts(analysis)
         self.input = _input_spec(model)
+        # Token ids must stay below this; None when no Embedding reads the input.
+        self.vocabulary = _vocabulary(model) if self.input.dtype.kind == "i" else None
         self.outputs = tuple(
             _output_spec(name, x, self.outputs_per_timestep)
             for name, x in zip(model.output_names, model.outputs)
@@ -250,6 +252,15 @@ def _lambda_layers(path: Path) -> list[str]:
 
     visit(config)
     return names
+
+
+def _vocabulary(model: keras.Model) -> int | None:
+    sizes = [
+        layer.input_dim
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.Embedding)
+    ]
+    return min(sizes) if sizes else None
 
 
 def _first_parts(analysis) -> tuple[int, ...]:

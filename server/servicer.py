@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Steps of one stream submitted but not yet answered; past it, reading waits.
 STREAM_WINDOW = 1024
+# How often a waiting stream checks whether its call is still alive.
+STREAM_POLL_S = 0.5
 _END_OF_STREAM = object()
 
 
@@ -97,7 +99,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             name="stream-reader",
             daemon=True,
         ).start()
-        while (item := pending.get()) is not _END_OF_STREAM:
+        while (item := _next(pending, context)) is not _END_OF_STREAM:
             yield _outcome(item)
 
     def _submit_stream(self, requests, pending: queue.Queue, context) -> None:
@@ -148,11 +150,22 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
         )
 
 
+def _next(pending: queue.Queue, context):
+    """The next submitted step, or the end once the call is over for any reason
+    (a cancelled call may never see the reader's end mark)."""
+    while True:
+        try:
+            return pending.get(timeout=STREAM_POLL_S)
+        except queue.Empty:
+            if not context.is_active():
+                return _END_OF_STREAM
+
+
 def _put(pending: queue.Queue, item, context) -> bool:
     """Waits for room in the window while the call is alive; False once it is not."""
     while context.is_active():
         try:
-            pending.put(item, timeout=1.0)
+            pending.put(item, timeout=STREAM_POLL_S)
             return True
         except queue.Full:
             continue

@@ -15,7 +15,10 @@ StateEntry = tuple[str, str, np.ndarray]
 
 
 def check_inputs(
-    model: ServedModel, inputs: np.ndarray, sessions: int | None = None
+    model: ServedModel,
+    inputs: np.ndarray,
+    sessions: int | None = None,
+    max_timesteps: int | None = None,
 ) -> np.ndarray:
     """One session's inputs [timesteps, ...], or, with `sessions`, the inputs of
     that many sessions [sessions, timesteps, ...]."""
@@ -39,6 +42,13 @@ def check_inputs(
         )
     if inputs.shape[time_axis] == 0:
         raise InvalidArgument("inputs: expected at least 1 timestep, received 0")
+    if max_timesteps is not None and inputs.shape[time_axis] > max_timesteps:
+        raise InvalidArgument(
+            f"inputs: expected at most {max_timesteps} timesteps in one step "
+            f"(--max-timesteps), received {inputs.shape[time_axis]}; send them "
+            "in several steps"
+        )
+    _check_tokens(model, inputs)
     if inputs.dtype.kind == "f" and not np.isfinite(inputs).all():
         bad = np.argwhere(~np.isfinite(inputs))[0].tolist()
         raise InvalidArgument(
@@ -46,6 +56,21 @@ def check_inputs(
             f"index {bad}"
         )
     return inputs
+
+
+def _check_tokens(model: ServedModel, inputs: np.ndarray) -> None:
+    # An index outside an Embedding fails the model on the CPU, and a negative
+    # one silently reads another row; neither may reach it.
+    vocabulary = getattr(model, "vocabulary", None)
+    if vocabulary is None or inputs.dtype.kind != "i":
+        return
+    outside = (inputs < 0) | (inputs >= vocabulary)
+    if outside.any():
+        bad = np.argwhere(outside)[0].tolist()
+        raise InvalidArgument(
+            f"inputs: model {model.name!r} expects token ids from 0 to "
+            f"{vocabulary - 1}, received {inputs[tuple(bad)]} at index {bad}"
+        )
 
 
 def check_state(model: ServedModel, entries: list[StateEntry], what: str):

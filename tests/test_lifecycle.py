@@ -18,6 +18,8 @@ from seqserve.client import (
     UnavailableError,
 )
 from seqserve.client.errors import from_rpc_error
+from seqserve.client.tensors import to_proto
+from seqserve.server.app import App
 from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
 from seqserve.server.errors import NotFound
@@ -235,6 +237,11 @@ def test_client_casts_within_a_kind_but_never_wraps_integers(client, rng):
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
         after = tokens.get_state()
     np.testing.assert_array_equal(after["gru"]["h"], before["gru"]["h"])
+    with client.start_session("lstm") as session:
+        for never_cast in (x.astype(np.int32), np.full((1, 3), 1e300)):
+            with pytest.raises(InvalidArgumentError):  # int to float; float32 overflow
+                session.step(never_cast)
+        assert not session.get_state()["lstm"]["h"].any()
 
 
 def test_client_raises_typed_errors_by_status_code(client):
@@ -292,3 +299,50 @@ def test_session_starts_from_a_given_state(client):
     for part in ("h", "c"):
         assert state["lstm"][part].dtype == np.float32
         np.testing.assert_array_equal(state["lstm"][part], given["lstm"][part])
+
+
+def test_more_timesteps_than_the_limit_are_refused(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("limit")
+    save_models(directory, {"lstm": lstm_model()})
+    with running_server(directory, max_timesteps=5) as app, client_for(app) as client:
+        session = client.start_session("lstm")
+        rng = np.random.default_rng(0)
+        session.step(frames(rng, 5))
+        with pytest.raises(InvalidArgumentError):
+            session.step(frames(rng, 6))
+        session.get_state()
+        assert session.timesteps == 5
+
+
+def test_a_second_server_on_a_port_in_use_fails_to_start(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("port")
+    save_models(directory, {"lstm": lstm_model()})
+    with running_server(directory) as first:
+        with pytest.raises(RuntimeError):
+            App(Config(model_dir=directory, port=first.port))
+
+
+def test_cancelled_streams_give_their_worker_threads_back(tmp_path_factory):
+    # A stream the client drops must not keep a worker thread waiting forever:
+    # with two workers, three dropped streams would otherwise stop the server.
+    directory = tmp_path_factory.mktemp("streams")
+    save_models(directory, {"lstm": lstm_model()})
+    with running_server(directory, worker_threads=2) as app, stub_for(app) as stub:
+        session_id = stub.StartSession(pb.StartSessionRequest(model="lstm")).session_id
+        step = pb.StepRequest(
+            session_id=session_id,
+            inputs=to_proto(frames(np.random.default_rng(0), 1)),
+        )
+        done = threading.Event()
+
+        def one_step_then_wait():
+            yield step
+            done.wait(30)  # the client keeps the stream open, then drops it
+
+        for _ in range(3):
+            replies = stub.StepStream(one_step_then_wait(), timeout=30)
+            next(replies)
+            replies.cancel()
+        time.sleep(1.5)  # the streams notice the cancellation within 0.5 s
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        done.set()
