@@ -61,8 +61,7 @@ class ServedModel:
             for r in analysis.recurrent
             for part in r.parts
         )
-        # For each recurrent layer, the index of its first part (its `h`).
-        self.layer_first_part = _first_parts(analysis)
+        self.recurrent_layers = len(analysis.recurrent)
         self.input = _input_spec(model)
         # Token ids must stay below this; None when no Embedding reads the input.
         self.vocabulary = _vocabulary(model) if self.input.dtype.kind == "i" else None
@@ -84,10 +83,6 @@ class ServedModel:
         if self._tensorflow_from_batch >= 1 << 62:
             return "numpy"
         return f"numpy below batch {self._tensorflow_from_batch}"
-
-    @property
-    def recurrent_layers(self) -> int:
-        return len(self.layer_first_part)
 
     def run(self, inputs, states, has_output, on_device: bool = False):
         """One batched step: inputs [batch, time, ...], states [batch, units] each.
@@ -261,14 +256,6 @@ def _vocabulary(model: keras.Model) -> int | None:
         if isinstance(layer, keras.layers.Embedding)
     ]
     return min(sizes) if sizes else None
-
-
-def _first_parts(analysis) -> tuple[int, ...]:
-    firsts, offset = [], 0
-    for recurrent in analysis.recurrent:
-        firsts.append(offset)
-        offset += len(recurrent.parts)
-    return tuple(firsts)
 
 
 def _input_spec(model: keras.Model) -> TensorSpec:

@@ -61,15 +61,8 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def Step(self, request, context):
-        inputs = tensors.decode(request.inputs, "inputs")
-        model, result = self.core.step(
-            request.session_id,
-            inputs,
-            state=_state(request, "state"),
-            reset=request.reset,
-            return_state=request.return_state,
-        )
-        return _step_reply(model, result)
+        model, future = self._submit(request)
+        return _step_reply(model, future.result())
 
     @_statuses
     def StepMany(self, request, context):
@@ -115,15 +108,19 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     def _submit_step(self, request):
         """(model, future) for an accepted step, or the error that refused it."""
         try:
-            return self.core.submit_step(
-                request.session_id,
-                tensors.decode(request.inputs, "inputs"),
-                state=_state(request, "state"),
-                reset=request.reset,
-                return_state=request.return_state,
-            )
+            return self._submit(request)
         except Exception as error:
             return error
+
+    def _submit(self, request):
+        """Decodes and submits one StepRequest; raises if it is refused."""
+        return self.core.submit_step(
+            request.session_id,
+            tensors.decode(request.inputs, "inputs"),
+            state=_state(request, "state"),
+            reset=request.reset,
+            return_state=request.return_state,
+        )
 
     @_statuses
     def Reset(self, request, context):
