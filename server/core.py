@@ -71,6 +71,7 @@ class SequenceCore:
         model = self.model(model_name)
         values = None if state is None else check_state(model, state, "initial_state")
         session = self.sessions.add(model.name, session_id)
+        session.version = model.version
         try:
             self._run(StateOp("start", session, values))
         except BaseException:

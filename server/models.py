@@ -52,8 +52,10 @@ class ServedModel:
         model: keras.Model,
         allow_unsafe: bool,
         execution: str = "auto",
+        version: int = 1,
     ):
         self.name = name
+        self.version = version  # sessions stay on the version they started with
         analysis = analyse(model, allow_unsafe)
         self.outputs_per_timestep = analysis.outputs_per_timestep
         self.state_parts = tuple(

@@ -27,6 +27,7 @@ class Session:
     model: str
     created_s: float
     last_used_s: float
+    version: int = 1  # of the model; set at start
     slot: int = -1  # the row in the model's state store; set by its executor
     timesteps: int = 0  # since start, reset or set
     # False until its state row exists: calls must not reach the executor before

@@ -20,6 +20,7 @@ POISON = -999.0  # an input value that makes `run` fail, like a bad Embedding in
 class FakeModel:
     def __init__(self, name: str = "fake"):
         self.name = name
+        self.version = 1
         self.input = TensorSpec("x", np.dtype("float32"), (-1, 1))
         self.outputs = (TensorSpec("h", np.dtype("float32"), (-1, UNITS)),)
         self.outputs_per_timestep = True
