@@ -7,11 +7,12 @@ import sys
 import grpc
 import threadpoolctl
 
-from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.v1 import seqserve_pb2 as pb
 
 from .config import Config
 from .core import SequenceCore
 from .models import load_model_dir
+from .parsing import add_to_server
 from .servicer import SequenceServicer
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ class App:
             maximum_concurrent_rpcs=None,
             options=SERVER_OPTIONS,
         )
-        pb_grpc.add_SequenceServiceServicer_to_server(
-            SequenceServicer(self.core), self.server
+        add_to_server(
+            SequenceServicer(self.core),
+            pb.DESCRIPTOR.services_by_name["SequenceService"],
+            self.server,
         )
         address = f"{config.host}:{config.port}"
         try:

@@ -18,6 +18,7 @@ from . import tensors
 from .core import SequenceCore
 from .errors import SeqServeError
 from .models import ServedModel
+from .parsing import refuse_unparsed
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def _statuses(method):
     @functools.wraps(method)
     def wrapper(self, request, context: grpc.ServicerContext):
         try:
+            refuse_unparsed(request)
             return method(self, request, context)
         except SeqServeError as error:
             context.abort(error.code, str(error))
@@ -114,6 +116,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     def _submit(self, request):
         """Decodes and submits one StepRequest; raises if it is refused."""
+        refuse_unparsed(request)
         return self.core.submit_step(
             request.session_id,
             tensors.decode(request.inputs, "inputs"),
