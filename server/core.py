@@ -10,6 +10,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from .admission import Admission
 from .config import Config
 from .device_state import tensorflow_sees_a_gpu
 from .errors import InvalidArgument, NotFound, Unavailable
@@ -43,6 +44,9 @@ class SequenceCore:
                 state_on_device=_states_on_device(config),
             )
             for name, model in models.items()
+        }
+        self.admissions = {
+            name: Admission(name, config.max_queued_steps) for name in models
         }
         self._stopping = threading.Event()
         self._reaper = None
@@ -110,7 +114,7 @@ class SequenceCore:
             )
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
-        return model, self._executors[model.name].submit(op)
+        return model, self._submit_admitted(model.name, op, steps=1)
 
     def step_many(
         self,
@@ -134,7 +138,8 @@ class SequenceCore:
             sessions=len(sessions),
             max_timesteps=self.config.max_timesteps,
         )
-        return model, self._run(ManyStepOp(sessions, inputs, reset, return_state))
+        op = ManyStepOp(sessions, inputs, reset, return_state)
+        return model, self._submit_admitted(model.name, op, len(sessions)).result()
 
     def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
         """Reset (state None: zeros) or set a session's state."""
@@ -169,6 +174,19 @@ class SequenceCore:
         self._stopping.set()
         for executor in self._executors.values():
             executor.close()
+
+    def _submit_admitted(self, model: str, op: StepOp | ManyStepOp, steps: int):
+        """Queues a step if the model's admission lets it in, else raises
+        ResourceExhausted before anything is queued."""
+        admission = self.admissions[model]
+        admission.admit(steps)
+        try:
+            future = self._executors[model].submit(op)
+        except BaseException:
+            admission.release(steps)
+            raise
+        admission.release_when_done(future, steps)
+        return future
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
         model = op.sessions[0].model if isinstance(op, ManyStepOp) else op.session.model
