@@ -27,6 +27,10 @@ STREAM_WINDOW = 1024
 # How often a waiting stream checks whether its call is still alive.
 STREAM_POLL_S = 0.5
 _END_OF_STREAM = object()
+# Characters of an error message sent to the client. A message echoes parts of
+# the request; gRPC fails a call whose status detail passes its metadata limit
+# (8 KiB, percent-encoded), and the client would see RESOURCE_EXHAUSTED instead.
+MAX_DETAIL_CHARS = 500
 
 
 def _statuses(method):
@@ -36,7 +40,7 @@ def _statuses(method):
             refuse_unparsed(request)
             return method(self, request, context)
         except SeqServeError as error:
-            context.abort(error.code, str(error))
+            context.abort(error.code, _detail(error))
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
@@ -179,11 +183,18 @@ def _outcome(item) -> pb.StepOutcome:
         model, future = item
         return pb.StepOutcome(response=_step_reply(model, future.result()))
     except SeqServeError as error:
-        return pb.StepOutcome(error=_error(error.code, str(error)))
+        return pb.StepOutcome(error=_error(error.code, _detail(error)))
     except Exception:
         log.exception("unexpected error in StepStream")
         internal = grpc.StatusCode.INTERNAL
         return pb.StepOutcome(error=_error(internal, "internal error; see server log"))
+
+
+def _detail(error: SeqServeError) -> str:
+    message = str(error)
+    if len(message) <= MAX_DETAIL_CHARS:
+        return message
+    return message[: MAX_DETAIL_CHARS - 20] + " ... (shortened)"
 
 
 def _error(code: grpc.StatusCode, message: str) -> pb.Error:

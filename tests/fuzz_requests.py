@@ -95,12 +95,19 @@ def session_ids(draw, models=tuple(MODELS)) -> Drawn:
 
 
 def malformed_ids():
-    too_long = st.integers(129, 5000).map(lambda n: "x" * n)
+    too_long = st.integers(129, 5000).map(lambda n: "x" * n) | long_texts()
     printable = st.characters(exclude_categories=["Cs"])  # protobuf refuses surrogates
     odd = st.text(printable, min_size=1, max_size=40).filter(
         lambda s: any(c not in _ID_CHARS for c in s)
     )
     return st.one_of(too_long, odd)
+
+
+def long_texts():
+    """Names far longer than any error message may echo, ASCII or not."""
+    return st.sampled_from(["m", "\u00e9", "\u6f22"]).flatmap(
+        lambda c: st.integers(2_000, 60_000).map(lambda n: c * n)
+    )
 
 
 _ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
@@ -110,15 +117,22 @@ _ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.
 
 
 def array_bytes(dtype: int, shape, seed: int, spec: ModelSpec | None = None) -> bytes:
-    """Finite values of `dtype`; token ids inside the vocabulary for `spec`."""
+    """Finite values of `dtype`; token ids inside the vocabulary for `spec`.
+
+    One seed in four gives extreme finite floats: the largest, the smallest
+    subnormal, zeros of both signs.
+    """
     rng = np.random.default_rng(seed)
     count = int(np.prod(shape, dtype=object))
     if dtype in (pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64):
         high = spec.vocabulary if spec and spec.vocabulary else 1000
         return rng.integers(0, high, count).astype(NUMPY[dtype]).tobytes()
-    # Bounded: inputs near float32's limit overflow inside the model (see report).
-    values = rng.uniform(-100, 100, count)
-    return values.astype(NUMPY.get(dtype, "<f4")).tobytes()
+    numpy_dtype = np.dtype(NUMPY.get(dtype, "<f4"))
+    if seed % 4 == 0:
+        info = np.finfo(numpy_dtype)
+        extremes = [info.max, -info.max, info.smallest_subnormal, -0.0, 0.0, 1.0]
+        return rng.choice(np.array(extremes, numpy_dtype), count).tobytes()
+    return rng.uniform(-100, 100, count).astype(numpy_dtype).tobytes()
 
 
 def tensor(dtype: int, shape, data: bytes) -> pb.Tensor:
@@ -132,6 +146,7 @@ INPUT_FLAWS = [
     "negative",
     "huge",
     "rank",
+    "many dimensions",
     "features",
     "zero timesteps",
     "too long",
@@ -173,6 +188,10 @@ def flawed_inputs(draw, spec: ModelSpec, shape: list[int], seed: int, flaw: str)
         )
         data = draw(st.binary(max_size=64))
         return tensor(dtype, [*shape[:axis], size, *shape[axis + 1 :]], data)
+    elif flaw == "many dimensions":  # numpy takes at most 64
+        rank = draw(st.integers(65, 20_000))
+        size = draw(st.sampled_from([1, 1, 2, 2**40]))
+        return tensor(dtype, [size] * rank, draw(st.binary(max_size=16)))
     elif flaw == "rank":
         # A rank the model never takes: one axis fewer or one more.
         shape = draw(st.sampled_from([shape[:-1], [*shape, 1], [1, *shape]]))
@@ -219,6 +238,7 @@ STATE_FLAWS = [
     "bytes",
     "wrong model",
     "empty",
+    "long name",
 ]
 
 
@@ -260,6 +280,12 @@ def _flawed_parts(draw, parts, flaw: str):
         unknown = [(layer, "x"), ("encoder", "h"), ("", ""), (layer, "c")]
         extra = draw(st.sampled_from([key for key in unknown if key not in known]))
         return [*parts, (*extra, value)]
+    if flaw == "long name":
+        long = draw(long_texts())
+        return [
+            *parts,
+            *draw(st.sampled_from([[(long, part, value)], [(layer, long, value)]])),
+        ]
     if flaw == "twice":
         return parts + [parts[index]]
     if flaw == "units":
@@ -280,4 +306,4 @@ def _flawed_parts(draw, parts, flaw: str):
 
 
 def _state_bytes(units: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).uniform(-1, 1, units).astype("<f4").tobytes()
+    return array_bytes(pb.DATA_TYPE_FLOAT32, [units], seed)

@@ -160,7 +160,12 @@ class FuzzWorld:
     def _refresh(self, model: str, index: int) -> None:
         session_id = target_id(model, index)
         try:
-            self.baselines[session_id] = self._snapshot(session_id)
+            snapshot = self._snapshot(session_id)
+            # Finite requests must leave a finite state: a NaN would poison every
+            # later step of the session, and SetState could not repair it.
+            for part in snapshot.state.parts:
+                assert np.isfinite(np.frombuffer(part.value.data, "<f4")).all(), part
+            self.baselines[session_id] = snapshot
         except grpc.RpcError as error:
             assert error.code() == StatusCode.NOT_FOUND  # a fuzzed EndSession
             self._restore_target(model, index)

@@ -11,6 +11,7 @@ two minutes; FUZZ_SCALE=10 (an environment variable) runs ten times as many.
 The module prints how many requests it sent.
 """
 
+import numpy as np
 import pytest
 from grpc import StatusCode
 from hypothesis import given
@@ -27,11 +28,15 @@ from fuzz_requests import (
     Drawn,
     expected_codes,
     inputs_for,
+    long_texts,
     session_ids,
     states_for,
     target_id,
 )
 from fuzz_world import FuzzWorld, fuzz_settings, fuzz_world
+from rpc_helpers import raw_tensor, state
+
+F32 = pb.DATA_TYPE_FLOAT32
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +111,8 @@ def coherent_ids():
 
 @st.composite
 def start_requests(draw):
-    model = draw(st.sampled_from([*MODELS, *MODELS, "", "no_such_model", "x" * 300]))
+    others = st.sampled_from(["", "no_such_model"]) | long_texts()
+    model = draw(st.sampled_from(sorted(MODELS)) | others)
     model_problem = frozenset(
         {} if model in MODELS else {INVALID if not model else NOT_FOUND}
     )
@@ -226,3 +232,74 @@ def test_step_stream(world, items):
 
 def _code(value: int) -> StatusCode:
     return next(c for c in StatusCode if c.value[0] == value)
+
+
+# Regressions: what fuzzing found, kept as fixed cases ------------------------
+
+LSTM_H = np.zeros(5, np.float32)
+
+
+def _long_state(layer: str, part: str) -> pb.State:
+    return state((layer, part, LSTM_H), ("lstm", "c", LSTM_H))
+
+
+# Each failed with RESOURCE_EXHAUSTED ("received metadata size exceeds hard
+# limit"): the error message echoed the long value past gRPC's metadata limit.
+# The shapes of over 4300 digits' worth of bytes failed with INTERNAL, as
+# Python refused to print the byte count.
+REGRESSIONS = {
+    "long model name": (
+        "StartSession",
+        pb.StartSessionRequest(model="m" * 100_000),
+        NOT_FOUND,
+    ),
+    "long non-ASCII model name": (
+        "StartSession",
+        pb.StartSessionRequest(model="\u6f22" * 3_000),
+        NOT_FOUND,
+    ),
+    "20000 dimensions of 1": (
+        "Step",
+        pb.StepRequest(
+            session_id=target_id("lstm"),
+            inputs=raw_tensor(F32, [1] * 20_000, b"\0" * 4),
+        ),
+        INVALID,
+    ),
+    "20000 dimensions of 2": (
+        "Step",
+        pb.StepRequest(
+            session_id=target_id("lstm"), inputs=raw_tensor(F32, [2] * 20_000, b"")
+        ),
+        INVALID,
+    ),
+    "long layer name": (
+        "SetState",
+        pb.SetStateRequest(
+            session_id=target_id("lstm"), state=_long_state("L" * 10**5, "h")
+        ),
+        INVALID,
+    ),
+    "long part name": (
+        "Reset",
+        pb.ResetRequest(
+            session_id=target_id("lstm"), state=_long_state("lstm", "p" * 10**5)
+        ),
+        INVALID,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REGRESSIONS.values(), ids=list(REGRESSIONS))
+def test_regression(world, case):
+    method, request, expected = case
+    code, _ = world.call(method, request)
+    assert code == expected
+    world.check()
+
+
+def test_regression_in_a_stream(world):
+    request = REGRESSIONS["20000 dimensions of 2"][1]
+    (reply,) = world.stub.StepStream(iter([request]), timeout=30)
+    assert reply.error.code == INVALID.value[0]
+    world.check()
