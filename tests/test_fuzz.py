@@ -165,25 +165,25 @@ def run_unary(world: FuzzWorld, method: str, drawn) -> None:
     world.check(addressed if code == StatusCode.OK else set())
 
 
-@fuzz_settings(300)
+@fuzz_settings(500)
 @given(drawn=step_requests())
 def test_step(world, drawn):
     run_unary(world, "Step", drawn)
 
 
-@fuzz_settings(250)
+@fuzz_settings(400)
 @given(drawn=step_many_requests())
 def test_step_many(world, drawn):
     run_unary(world, "StepMany", drawn)
 
 
-@fuzz_settings(150)
+@fuzz_settings(250)
 @given(drawn=start_requests())
 def test_start_session(world, drawn):
     run_unary(world, "StartSession", drawn)
 
 
-@fuzz_settings(100)
+@fuzz_settings(200)
 @given(
     method=st.sampled_from(["Reset", "SetState"]),
     data=st.data(),
@@ -192,7 +192,7 @@ def test_reset_and_set_state(world, method, data):
     run_unary(world, method, data.draw(state_requests(method)))
 
 
-@fuzz_settings(80)
+@fuzz_settings(150)
 @given(method=st.sampled_from(["GetState", "EndSession"]), data=st.data())
 def test_get_state_and_end_session(world, method, data):
     run_unary(world, method, data.draw(id_only_requests(method)))
@@ -207,7 +207,7 @@ def test_list_models(world, _):
     world.check()
 
 
-@fuzz_settings(120)
+@fuzz_settings(200)
 @given(items=st.lists(step_requests(), min_size=1, max_size=6))
 def test_step_stream(world, items):
     requests = [request for request, _, _ in items]

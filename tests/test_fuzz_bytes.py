@@ -91,7 +91,7 @@ def addressed(request) -> set[str]:
     return ids | {getattr(request, "session_id", "")}
 
 
-@fuzz_settings(400)
+@fuzz_settings(600)
 @given(method=st.sampled_from(sorted(SEEDS)), data=st.data())
 def test_unary_payloads(world, method, data):
     payload = data.draw(payloads(method))
@@ -105,7 +105,7 @@ def test_unary_payloads(world, method, data):
     world.check(addressed(request) if code == StatusCode.OK else set())
 
 
-@fuzz_settings(80)
+@fuzz_settings(120)
 @given(st.lists(payloads("Step"), min_size=1, max_size=6))
 def test_stream_payloads(world, items):
     call = world.channel.stream_stream(SERVICE + "StepStream")

@@ -56,7 +56,8 @@ def test_steps_past_the_limit_are_refused_before_they_are_queued():
         assert core.admissions["fake"].refused == 2
 
         fake.release()
-        first.result(timeout=5), second.result(timeout=5)
+        for future in (first, second):
+            future.result(timeout=5)
         assert core.admissions["fake"].queued == 0
         _, values, timesteps = core.read_state(c)
         assert timesteps == 0 and not values[0].any()  # the refusals changed nothing
