@@ -1,9 +1,9 @@
 """One fuzzed server, its sessions, and the checks made after every example.
 
-Three target sessions (one per model) may be addressed by fuzzed requests; a
-canary never is. After each example: the canary's state is what it was, each
-target's state is what it was unless a request addressed to it succeeded, and
-a valid step on a fresh session still gives Keras' outputs.
+Two target sessions per model may be addressed by fuzzed requests; a canary
+never is. After each example: the canary's state is what it was, each target's
+state is what it was unless a request addressed to it succeeded (and is finite
+either way), and a valid step with reset still gives Keras' outputs.
 """
 
 import collections
