@@ -8,7 +8,8 @@ concurrent steps than the limit. Every step must be answered, OK or
 RESOURCE_EXHAUSTED (never a deadline), admitted steps' latency stays bounded,
 and each session's final state is Keras' over exactly its admitted steps.
 The shed rate and latencies are printed; OVERLOAD_MAX_QUEUED_STEPS=0 runs the
-same load without a limit, for comparison.
+same load without a limit, for comparison, and OVERLOAD_STREAM_WINDOW sets the
+steps each stream keeps in flight.
 """
 
 import dataclasses
@@ -34,10 +35,12 @@ from soak_server import server_process
 
 LIMIT = int(os.environ.get("OVERLOAD_MAX_QUEUED_STEPS", "32"))
 TIMESTEPS = 40  # per step: slow enough that the server falls behind
-STREAMS, SESSIONS_PER_STREAM, STEPS_PER_STREAM, STREAM_WINDOW = 4, 4, 300, 16
+STREAMS, SESSIONS_PER_STREAM, STEPS_PER_STREAM = 4, 4, 300
+STREAM_WINDOW = int(os.environ.get("OVERLOAD_STREAM_WINDOW", "16"))
 UNARY_CALLERS, STEPS_PER_CALLER = 24, 40
-ADMITTED_P99_BOUND_S = 2.0
-REFUSAL_P99_BOUND_S = 0.5
+BACKOFF_S = 0.02  # after a refusal
+ADMITTED_P99_BOUND_S = 3.0
+REFUSAL_P99_BOUND_S = 1.0  # generous: the test shares two cores with the server
 
 
 def test_steps_past_the_limit_are_refused_before_they_are_queued():
@@ -95,7 +98,10 @@ def stream_load(stub, sessions: list[str], seed: int, out: list) -> None:
     for index, outcome in enumerate(stub.StepStream(requests(), timeout=120)):
         sent[index].done_s = time.perf_counter()
         sent[index].code = _code(outcome.error.code)
-        window.release()
+        if sent[index].code == StatusCode.OK:
+            window.release()
+        else:  # a well-behaved client backs off before sending again
+            threading.Timer(BACKOFF_S, window.release).start()
     out.extend(sent)
 
 
@@ -111,6 +117,8 @@ def unary_load(stub, session: str, seed: int, out: list) -> None:
             record.code = error.code()
         record.done_s = time.perf_counter()
         out.append(record)
+        if record.code != StatusCode.OK:
+            time.sleep(BACKOFF_S)
 
 
 def _code(value: int) -> StatusCode:
