@@ -24,7 +24,7 @@ from grpc import StatusCode
 
 from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
-from seqserve.server.errors import ResourceExhausted
+from seqserve.server.errors import ResourceExhausted, Unavailable
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -68,6 +68,16 @@ def test_steps_past_the_limit_are_refused_before_they_are_queued():
     finally:
         fake.release()
         core.close()
+
+
+def test_a_step_refused_at_shutdown_gives_its_admission_back():
+    core = SequenceCore({"fake": FakeModel()}, Config(port=0, max_queued_steps=1))
+    session = core.start_session("fake", "a", None)[0].id
+    core.close()
+    for _ in range(2):  # the second would be RESOURCE_EXHAUSTED if one leaked
+        with pytest.raises(Unavailable):
+            core.submit_step(session, chunk(1))
+    assert core.admissions["fake"].queued == 0
 
 
 @dataclasses.dataclass
