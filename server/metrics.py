@@ -245,4 +245,4 @@ def _total(counter, reason: str | None = None) -> int:
 
 
 def _bound(value: float) -> str:
-    return prometheus_client.utils.floatToGoString(value)
+    return prometheus_client.utils.floatToGoString(float(value))
