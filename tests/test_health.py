@@ -95,6 +95,7 @@ def test_watchers_see_not_serving_as_soon_as_drain_starts(model_dir):
 
 def test_reflection_lists_every_service_and_describes_them(model_dir):
     with running_server(model_dir) as app:
+        assert app.metrics_port is None  # off unless asked for
         with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             database = ProtoReflectionDescriptorDatabase(channel)
             assert sorted(database.get_services()) == [

@@ -89,11 +89,6 @@ def test_expiry_and_stream_refusals_are_counted(model_dir):
     assert samples[("seqserve_requests_rejected_total", (("code", "NOT_FOUND"),))] == 1
 
 
-def test_metrics_are_off_by_default(model_dir):
-    with running_server(model_dir) as app:
-        assert app.metrics_port is None
-
-
 def test_bulk_histogram_counts_as_prometheus_does():
     histogram = BulkHistogram((1.0, 2.0, 5.0))
     histogram.observe([0.5, 1.0, 1.5])  # the Python path
