@@ -7,6 +7,7 @@ Session lifecycle and rejections are rare enough for ordinary counters.
 """
 
 import bisect
+import itertools
 import logging
 import time
 
@@ -36,25 +37,27 @@ class BulkHistogram:
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
         self._bounds = np.asarray(bounds, np.float64)
-        self.counts = np.zeros(len(bounds) + 1, np.int64)  # the last is +Inf
+        # Python ints: cheaper than NumPy scalars one value at a time.
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
         self.sum = 0.0
 
     def observe(self, values) -> None:
         if len(values) < _NUMPY_FROM:
+            counts, bounds = self.counts, self.bounds
             for value in values:
-                self.counts[bisect.bisect_left(self.bounds, value)] += 1
-            self.sum += sum(values)
+                counts[bisect.bisect_left(bounds, value)] += 1
+                self.sum += value
             return
         values = np.asarray(values, np.float64)
         buckets = np.searchsorted(self._bounds, values, side="left")
-        self.counts += np.bincount(buckets, minlength=len(self.counts))
+        added = np.bincount(buckets, minlength=len(self.counts)).tolist()
+        self.counts = [a + b for a, b in zip(self.counts, added)]
         self.sum += float(values.sum())
 
     def buckets(self) -> list[tuple[str, int]]:
         """Cumulative (upper bound, count) pairs, as Prometheus expects."""
-        totals = np.cumsum(self.counts)
         labels = [_bound(b) for b in self.bounds] + ["+Inf"]
-        return list(zip(labels, totals.tolist()))
+        return list(zip(labels, itertools.accumulate(self.counts)))
 
 
 class ModelStats:
@@ -69,17 +72,15 @@ class ModelStats:
     def record_steps(self, ops) -> None:
         """One executed batch of StepOps: counts, latencies and each session's
         step count and time of last step."""
-        now = time.perf_counter()
-        wall = time.monotonic()
+        now, wall = time.perf_counter(), time.monotonic()
         self.steps += len(ops)
+        self.timesteps += sum(len(op.inputs) for op in ops)
         self.batch_size.observe((len(ops),))
-        latencies = []
+        self.step_latency_s.observe([now - op.submitted_s for op in ops])
         for op in ops:
-            self.timesteps += len(op.inputs)
-            latencies.append(now - op.submitted_s)
-            op.session.steps += 1
-            op.session.last_step_s = wall
-        self.step_latency_s.observe(latencies)
+            session = op.session
+            session.steps += 1
+            session.last_step_s = wall
 
     def record_many(self, op) -> None:
         """One executed StepMany: a step of each of its sessions."""
