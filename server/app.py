@@ -58,7 +58,9 @@ class App:
             self.metrics.stop()
             raise
         self.health.serving()
-        log.info("serving: every model is loaded and warmed up")
+        log.info(
+            "serving models %s: all loaded and warmed up", sorted(self.core.models)
+        )
 
     def _listen(self) -> None:
         config, loading = self.config, _Loading()
@@ -107,7 +109,6 @@ class App:
         self.core = SequenceCore(models, self.config, self.metrics)
         self._sequence.core = self.core
         self._admin.admin = SessionAdmin(self.core)
-        log.info("models %s ready", sorted(models))
 
     def _load_models(self):
         return load_model_dir(

@@ -9,7 +9,7 @@ import pytest
 from seqserve.client import NotFoundError
 from seqserve.v1 import admin_pb2 as pb
 
-from admin_helpers import TIMEOUT_S, admin_for
+from admin_helpers import TIMEOUT_S, admin_for, scrape
 from conftest import client_for, running_server
 from rpc_helpers import status_of
 from small_models import embedding_model, frames, lstm_model, save_models
@@ -23,7 +23,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    with running_server(model_dir, max_sessions=4, when_full="evict-lru") as app:
+    settings = {"max_sessions": 4, "when_full": "evict-lru", "metrics_port": 0}
+    with running_server(model_dir, **settings) as app:
         yield app
 
 
@@ -118,8 +119,13 @@ def test_list_refuses_a_page_size_out_of_bounds(stubs, page_size):
     assert status_of(admin.ListSessions, request) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_full_server_evicts_the_least_recently_used_session(stubs):
+def test_full_server_evicts_the_least_recently_used_session(app, stubs):
     client, admin = stubs
+    evicted = (
+        "seqserve_sessions_ended_total",
+        (("model", "lstm"), ("reason", "evicted")),
+    )
+    before = scrape(app)[evicted]
     rng = np.random.default_rng(2)
     sessions = [client.start_session("lstm", session_id=f"s{i}") for i in range(4)]
     sessions[0].step(frames(rng, 1))  # s1 is now the least recently used
@@ -128,6 +134,7 @@ def test_full_server_evicts_the_least_recently_used_session(stubs):
     with pytest.raises(NotFoundError) as caught:
         sessions[1].step(frames(rng, 1))
     assert "least recently used" in caught.value.details
+    assert scrape(app)[evicted] == before + 1
     newcomer.step(frames(rng, 1))
     sessions[2].get_state()  # any call counts as use: s3 goes next
     client.start_session("tokens", session_id="newer")

@@ -2,6 +2,8 @@
 lists the services, as grpcurl would see them."""
 
 import queue
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -91,6 +93,14 @@ def test_watchers_see_not_serving_as_soon_as_drain_starts(model_dir):
             app.stop(grace_s=0)
         stopped.join(TIMEOUT_S)
     assert healthcheck.main([f"--address=127.0.0.1:{app.port}"]) == 1
+
+
+def test_the_health_check_command_imports_no_tensorflow():
+    code = (
+        "import sys, seqserve.server.healthcheck; "
+        "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_reflection_lists_every_service_and_describes_them(model_dir):
