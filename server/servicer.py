@@ -40,7 +40,9 @@ def _statuses(method):
             context.abort(error.code, str(error))
         except Exception:
             self.metrics.rejected(grpc.StatusCode.INTERNAL)
-            log.exception("unexpected error in %s", method.__name__)
+            log.exception(
+                "unexpected error in %s", method.__name__, extra=_about(request)
+            )
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
 
     return wrapper

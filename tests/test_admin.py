@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 
 from seqserve.client import NotFoundError
+from seqserve.server.sessions import (
+    EVICTED_BY_OPERATOR,
+    EVICTED_FOR_ROOM,
+    SessionRegistry,
+)
 from seqserve.v1 import admin_pb2 as pb
 
 from admin_helpers import TIMEOUT_S, admin_for, scrape
@@ -139,3 +144,24 @@ def test_full_server_evicts_the_least_recently_used_session(app, stubs):
     sessions[2].get_state()  # any call counts as use: s3 goes next
     client.start_session("tokens", session_id="newer")
     assert list_ids(admin) == ["new", "newer", "s0", "s2"]
+
+
+def started(registry: SessionRegistry, model: str, session_id: str):
+    session = registry.add(model, session_id)
+    registry.activate(session)
+    return session
+
+
+def test_registry_orders_by_last_use_and_skips_sessions_still_starting():
+    registry = SessionRegistry(max_sessions=4)
+    registry.add("m", "starting")  # reserved, never activated
+    for name in ("a", "b", "c"):
+        started(registry, "m" if name != "c" else "n", name)
+    registry.get("a")
+    registry.get_many(["b"])
+    gone = registry.remove_least_recent(EVICTED_FOR_ROOM)
+    assert gone.id == "c" and gone.end_reason == EVICTED_FOR_ROOM
+    assert registry.count_by_model() == {"m": 2}
+    assert [s.id for s in registry.remove_all("m", EVICTED_BY_OPERATOR)] == ["a", "b"]
+    assert registry.remove_least_recent(EVICTED_FOR_ROOM) is None
+    assert len(registry) == 1  # only the one still starting
