@@ -134,7 +134,7 @@ class SessionRegistry:
         with self._lock:
             for session in self._live.values():
                 if session.started:
-                    del self._live[session.id]
+                    self._drop(session)
                     self._remember(session, reason)
                     return session
             return None
@@ -148,7 +148,7 @@ class SessionRegistry:
                 if s.started and (model is None or s.model == model)
             ]
             for session in gone:
-                del self._live[session.id]
+                self._drop(session)
                 self._remember(session, reason)
             return gone
 
@@ -184,6 +184,9 @@ class SessionRegistry:
                 del self._live[session.id]
                 self._remember(session, reason)
             return idle
+
+    def _drop(self, session: Session) -> None:
+        del self._live[session.id]
 
     def _started(self, session_id: str) -> Session:
         session = self._live.get(session_id)
