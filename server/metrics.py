@@ -1,14 +1,13 @@
 """Prometheus metrics, one registry per App, kept cheap on the step path.
 
 Steps are counted by each model's executor thread in bulk, once per batch, into
-plain integers and bucket arrays that only that thread writes; live figures
+plain integers and bucket counts that only that thread writes; live figures
 (sessions, state bytes, queue depth) are read from the core when scraped.
 Session lifecycle and rejections are rare enough for ordinary counters.
 """
 
 import bisect
 import itertools
-import logging
 import time
 
 import grpc
@@ -19,8 +18,6 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
-
-log = logging.getLogger(__name__)
 
 STARTED_REASONS = ("new", "restored")
 ENDED_REASONS = ("closed", "idle_timeout", "evicted")
@@ -72,7 +69,7 @@ class ModelStats:
     def record_steps(self, ops) -> None:
         """One executed batch of StepOps: counts, latencies and each session's
         step count and time of last step."""
-        now, wall = time.perf_counter(), time.monotonic()
+        now, used_s = time.perf_counter(), time.monotonic()
         self.steps += len(ops)
         self.timesteps += sum(len(op.inputs) for op in ops)
         self.batch_size.observe((len(ops),))
@@ -80,7 +77,7 @@ class ModelStats:
         for op in ops:
             session = op.session
             session.steps += 1
-            session.last_step_s = wall
+            session.last_step_s = used_s
 
     def record_many(self, op) -> None:
         """One executed StepMany: a step of each of its sessions."""
@@ -89,10 +86,10 @@ class ModelStats:
         self.timesteps += sessions * op.inputs.shape[1]
         self.batch_size.observe((sessions,))
         self.step_latency_s.observe([time.perf_counter() - op.submitted_s] * sessions)
-        wall = time.monotonic()
+        used_s = time.monotonic()
         for session in op.sessions:
             session.steps += 1
-            session.last_step_s = wall
+            session.last_step_s = used_s
 
 
 class Metrics:
