@@ -18,6 +18,7 @@ import numpy as np
 
 from .device_state import TensorFlowStateStore
 from .errors import NotFound, Unavailable
+from .metrics import ModelStats
 from .models import ServedModel
 from .sessions import ENDED_BY_CLIENT, Session, ended_message
 from .state_store import StateStore
@@ -35,6 +36,7 @@ class StepOp:
     future: concurrent.futures.Future = dataclasses.field(
         default_factory=concurrent.futures.Future
     )
+    submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,6 +62,7 @@ class ManyStepOp:
     future: concurrent.futures.Future = dataclasses.field(
         default_factory=concurrent.futures.Future
     )
+    submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,10 @@ class ModelExecutor:
         max_batch_size: int,
         max_batch_wait_ms: float = 0.0,
         state_on_device: bool = False,
+        stats: ModelStats | None = None,
     ):
         self.model = model
+        self.stats = ModelStats() if stats is None else stats
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000
         self._last_collected = 1
@@ -125,6 +130,10 @@ class ModelExecutor:
             finally:
                 self._finish_run()
         return op.future
+
+    def queued(self) -> int:
+        """Operations submitted and not yet taken up by the executor thread."""
+        return self._queue.qsize()
 
     def close(self) -> None:
         """Finishes what was submitted, then stops the thread."""
@@ -246,6 +255,7 @@ class ModelExecutor:
             for op in live:
                 self._run_steps([op])
             return
+        self.stats.record_steps(live)
         for op, result in zip(live, results):
             op.future.set_result(result)
 
@@ -311,6 +321,7 @@ class ModelExecutor:
         for session in op.sessions:
             session.timesteps = (0 if op.reset else session.timesteps) + length
         timesteps = [session.timesteps for session in op.sessions]
+        self.stats.record_many(op)
         return ManyStepResult(outputs, states if op.return_state else None, timesteps)
 
 
