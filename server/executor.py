@@ -133,7 +133,7 @@ class ModelExecutor:
 
     def queued(self) -> int:
         """Operations submitted and not yet taken up by the executor thread."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     def close(self) -> None:
         """Finishes what was submitted, then stops the thread."""
