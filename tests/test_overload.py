@@ -49,9 +49,11 @@ def test_steps_past_the_limit_are_refused_before_they_are_queued():
     try:
         a, b, c = (core.start_session("fake", name, None)[0].id for name in "abc")
         fake.hold()
-        _, first = core.submit_step(a, chunk(1))
+        # The first step runs (in its caller's thread when the model is idle).
+        running = threading.Thread(target=core.step, args=(a, chunk(1)))
+        running.start()
         assert fake.entered.wait(5)
-        _, second = core.submit_step(b, chunk(2))
+        _, queued = core.submit_step(b, chunk(2))
         with pytest.raises(ResourceExhausted):
             core.submit_step(c, chunk(3))
         with pytest.raises(ResourceExhausted):
@@ -59,8 +61,8 @@ def test_steps_past_the_limit_are_refused_before_they_are_queued():
         assert core.admissions["fake"].refused == 2
 
         fake.release()
-        for future in (first, second):
-            future.result(timeout=5)
+        running.join(5)
+        queued.result(timeout=5)
         assert core.admissions["fake"].queued == 0
         _, values, timesteps = core.read_state(c)
         assert timesteps == 0 and not values[0].any()  # the refusals changed nothing
