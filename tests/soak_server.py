@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on [^ ]+:(\d+)")
+SERVING = "serving models"  # logged once every model is loaded and warmed up
 START_TIMEOUT_S = 180
 
 
@@ -62,11 +63,14 @@ def server_process(model_dir: Path, *flags: str) -> Iterator[ServerProcess]:
 
 
 def _wait_for_port(process: subprocess.Popen, log: collections.deque) -> int:
-    deadline = time.monotonic() + START_TIMEOUT_S
+    """The port, once the server serves (it listens before its models load)."""
+    deadline, port = time.monotonic() + START_TIMEOUT_S, None
     for line in process.stdout:
         log.append(line.rstrip())
         if match := LISTENING.search(line):
-            return int(match.group(1))
+            port = int(match.group(1))
+        if SERVING in line and port is not None:
+            return port
         if time.monotonic() > deadline:
             break
     raise RuntimeError("the server did not start:\n" + "\n".join(log))
