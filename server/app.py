@@ -11,7 +11,8 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from .config import Config
 from .core import SequenceCore
-from .models import load_model_dir
+from .model_versions import VersionWatcher, load_model_dir, loader
+from .security import interceptors, listen, server_options
 from .servicer import SequenceServicer
 
 log = logging.getLogger(__name__)
@@ -49,26 +50,56 @@ class App:
                 max_workers=config.worker_threads, thread_name_prefix="grpc"
             ),
             maximum_concurrent_rpcs=None,
-            options=SERVER_OPTIONS,
+            options=SERVER_OPTIONS + server_options(config),
+            interceptors=self._interceptors(),
         )
         pb_grpc.add_SequenceServiceServicer_to_server(
             SequenceServicer(self.core), self.server
         )
         address = f"{config.host}:{config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
+            self.port = listen(self.server, address, config)
+        except OSError:
+            self.core.close()
+            raise
         if self.port == 0:
             self.core.close()
             raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
+        self.watcher = self._watch_versions()
         log.info(
             "listening on %s:%d with models %s", config.host, self.port, sorted(models)
         )
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuses new calls, lets calls in flight finish, then stops the executors."""
+        if self.watcher is not None:
+            self.watcher.stop()
         self.server.stop(grace_s).wait()
         self.core.close()
         log.info("stopped; %d sessions were live", len(self.core.sessions))
+
+    def _interceptors(self) -> list[grpc.ServerInterceptor]:
+        try:
+            return interceptors(self.config)
+        except (OSError, ValueError):
+            self.core.close()
+            raise
+
+    def _watch_versions(self) -> VersionWatcher | None:
+        config = self.config
+        if config.model_poll_interval_s == 0:
+            return None
+        watcher = VersionWatcher(
+            config.model_dir,
+            config.model_poll_interval_s,
+            newest=self.core.versions.newest_version,
+            load=loader(
+                config.allow_unsafe_deserialization,
+                config.execution,
+                config.max_batch_size,
+            ),
+            add=self.core.versions.add,
+        )
+        watcher.start()
+        return watcher

@@ -6,6 +6,7 @@ the state-touching work to the model's executor and waits for it.
 
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 
 import numpy as np
@@ -21,29 +22,41 @@ from .executor import (
     StepOp,
     StepResult,
 )
+from .loaded_versions import LoadedVersions
 from .models import ServedModel
-from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry
+from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry, ended_message
 from .validation import StateEntry, check_inputs, check_state
 
 log = logging.getLogger(__name__)
 
 
 class SequenceCore:
-    """Thread-safe: any number of callers may use it at once."""
+    """Thread-safe: any number of callers may use it at once.
 
-    def __init__(self, models: dict[str, ServedModel], config: Config):
-        self.models = models
+    `caller` arguments name the identity making a call (None when auth is off):
+    a session started by one identity is refused to every other.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel] | Iterable[ServedModel],
+        config: Config,
+    ):
         self.config = config
-        self.sessions = SessionRegistry(config.max_sessions)
-        self._executors = {
-            name: ModelExecutor(
+        self.sessions = SessionRegistry(
+            config.max_sessions, config.max_sessions_per_client
+        )
+        on_device = _states_on_device(config)
+        self.versions = LoadedVersions(
+            lambda model: ModelExecutor(
                 model,
                 config.max_batch_size,
                 config.max_batch_wait_ms,
-                state_on_device=_states_on_device(config),
+                state_on_device=on_device,
             )
-            for name, model in models.items()
-        }
+        )
+        for model in models.values() if isinstance(models, Mapping) else models:
+            self.versions.add(model)
         self._stopping = threading.Event()
         self._reaper = None
         if config.idle_timeout_s > 0:
@@ -52,33 +65,50 @@ class SequenceCore:
             )
             self._reaper.start()
 
-    def model(self, name: str) -> ServedModel:
-        if not name:
-            raise InvalidArgument(
-                "model: expected a model name, received none; loaded models: "
-                f"{sorted(self.models)}"
-            )
-        model = self.models.get(name)
-        if model is None:
-            raise NotFound(
-                f"model {name!r} is not loaded; loaded models: {sorted(self.models)}"
-            )
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The newest version of each model: the one new sessions start on."""
+        return self.versions.newest
+
+    def model(self, name: str, version: int = 0) -> ServedModel:
+        model = self.versions.acquire(name, version)
+        self.versions.release(_key(model))
         return model
 
     def start_session(
-        self, model_name: str, session_id: str, state: list[StateEntry] | None
+        self,
+        model_name: str,
+        session_id: str,
+        state: list[StateEntry] | None,
+        version: int = 0,
+        caller: str | None = None,
+        client: str = "",
     ) -> tuple[Session, ServedModel]:
-        model = self.model(model_name)
-        values = None if state is None else check_state(model, state, "initial_state")
-        session = self.sessions.add(model.name, session_id)
+        """On `version` of the model (0: the newest). `client` is what the
+        per-client session limit counts."""
+        model = self.versions.acquire(model_name, version)
+        try:
+            values = (
+                None if state is None else check_state(model, state, "initial_state")
+            )
+            session = self.sessions.add(model.name, session_id, caller, client)
+        except BaseException:
+            self.versions.release(_key(model))
+            raise
         session.version = model.version
         try:
             self._run(StateOp("start", session, values))
         except BaseException:
             self.sessions.discard(session)
+            self.versions.release(_key(model))
             raise
         self.sessions.activate(session)
-        log.debug("session %s started on model %r", session.id, model.name)
+        log.debug(
+            "session %s started on model %r version %d",
+            session.id,
+            model.name,
+            model.version,
+        )
         return session, model
 
     def step(
@@ -88,8 +118,11 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
     ) -> tuple[ServedModel, StepResult]:
-        model, future = self.submit_step(session_id, inputs, state, reset, return_state)
+        model, future = self.submit_step(
+            session_id, inputs, state, reset, return_state, caller
+        )
         return model, future.result()
 
     def submit_step(
@@ -99,10 +132,11 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
     ) -> tuple[ServedModel, Future]:
         """As `step`, without waiting: the future's result is the StepResult."""
-        session = self.sessions.get(session_id)
-        model = self.models[session.model]
+        session = self.sessions.get(session_id, caller)
+        model, executor = self._runtime(session)
         check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
         if reset and state is not None:
             raise InvalidArgument(
@@ -110,7 +144,7 @@ class SequenceCore:
             )
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
-        return model, self._executors[model.name].submit(op)
+        return model, executor.submit(op)
 
     def step_many(
         self,
@@ -118,15 +152,18 @@ class SequenceCore:
         inputs: np.ndarray,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
     ) -> tuple[ServedModel, ManyStepResult]:
-        """Steps distinct sessions of one model as one batch; all or nothing."""
-        sessions = self._distinct_sessions(session_ids)
-        model = self.models[sessions[0].model]
-        others = [s for s in sessions if s.model != model.name]
+        """Steps distinct sessions of one model version as one batch; all or
+        nothing."""
+        sessions = self._distinct_sessions(session_ids, caller)
+        model, _ = self._runtime(sessions[0])
+        others = [s for s in sessions if _key(s) != _key(model)]
         if others:
             raise InvalidArgument(
-                f"session_ids: expected sessions of one model, received sessions "
-                f"of {model.name!r} and {others[0].model!r} ({others[0].id!r})"
+                f"session_ids: expected sessions of one model version, received "
+                f"sessions of {model.name!r} version {model.version} and "
+                f"{others[0].model!r} version {others[0].version} ({others[0].id!r})"
             )
         check_inputs(
             model,
@@ -136,25 +173,35 @@ class SequenceCore:
         )
         return model, self._run(ManyStepOp(sessions, inputs, reset, return_state))
 
-    def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
+    def write_state(
+        self,
+        session_id: str,
+        state: list[StateEntry] | None,
+        caller: str | None = None,
+    ) -> None:
         """Reset (state None: zeros) or set a session's state."""
-        session = self.sessions.get(session_id)
-        model = self.models[session.model]
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         values = None if state is None else check_state(model, state, "state")
         self._run(StateOp("write", session, values))
 
-    def read_state(self, session_id: str) -> tuple[ServedModel, list[np.ndarray], int]:
-        session = self.sessions.get(session_id)
+    def read_state(
+        self, session_id: str, caller: str | None = None
+    ) -> tuple[ServedModel, list[np.ndarray], int]:
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         values, timesteps = self._run(StateOp("read", session))
-        return self.models[session.model], values, timesteps
+        return model, values, timesteps
 
-    def end_session(self, session_id: str) -> int:
+    def end_session(self, session_id: str, caller: str | None = None) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
-        session = self.sessions.remove(session_id, ENDED_BY_CLIENT)
+        session = self.sessions.remove(session_id, ENDED_BY_CLIENT, caller)
         log.debug("session %s ended", session.id)
-        return self._run(StateOp("release", session))
+        return self._release(session).result()
 
-    def _distinct_sessions(self, session_ids: list[str]) -> list[Session]:
+    def _distinct_sessions(
+        self, session_ids: list[str], caller: str | None
+    ) -> list[Session]:
         if not session_ids:
             raise InvalidArgument("session_ids: expected at least one, received none")
         if len(set(session_ids)) != len(session_ids):
@@ -163,16 +210,29 @@ class SequenceCore:
             raise InvalidArgument(
                 f"session_ids: expected distinct sessions, received {twice!r} twice"
             )
-        return self.sessions.get_many(session_ids)
+        return self.sessions.get_many(session_ids, caller)
 
     def close(self) -> None:
         self._stopping.set()
-        for executor in self._executors.values():
-            executor.close()
+        self.versions.close()
+
+    def _runtime(self, session: Session) -> tuple[ServedModel, ModelExecutor]:
+        """The session's model version and its executor."""
+        entry = self.versions.get(_key(session))
+        if entry is None:  # unloaded: its last session ended meanwhile
+            reason = session.end_reason or ENDED_BY_CLIENT
+            raise NotFound(ended_message(session.id, reason))
+        return entry
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
-        model = op.sessions[0].model if isinstance(op, ManyStepOp) else op.session.model
-        return self._executors[model].submit(op).result()
+        session = op.sessions[0] if isinstance(op, ManyStepOp) else op.session
+        return self._runtime(session)[1].submit(op).result()
+
+    def _release(self, session: Session) -> Future:
+        """Frees the session's state row; the version then counts it gone."""
+        future = self._runtime(session)[1].submit(StateOp("release", session))
+        future.add_done_callback(lambda _: self.versions.release(_key(session)))
+        return future
 
     def _reap_idle(self) -> None:
         # A session expires between idle_timeout_s and 1.25 times that after its
@@ -185,10 +245,15 @@ class SequenceCore:
 
     def _release_expired(self, session: Session) -> None:
         try:
-            future = self._executors[session.model].submit(StateOp("release", session))
+            future = self._release(session)
         except Unavailable:
             return  # shutting down: the whole store goes with the executor
         future.add_done_callback(_log_failure)
+
+
+def _key(item: Session | ServedModel) -> tuple[str, int]:
+    name = item.model if isinstance(item, Session) else item.name
+    return name, item.version
 
 
 def _states_on_device(config: Config) -> bool:
