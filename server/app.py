@@ -11,7 +11,7 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from .config import Config
 from .core import SequenceCore
-from .model_versions import VersionWatcher, load_model_dir, loader
+from .model_versions import VersionWatcher, loader
 from .security import interceptors, listen, server_options
 from .servicer import SequenceServicer
 
@@ -36,12 +36,16 @@ class App:
         # for the GIL that long (measured on one session: p50 1.6 ms, p99 7.3 ms
         # per Step; at 50 us: 1.1 ms and 1.8 ms).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        models = load_model_dir(
+        self.watcher = VersionWatcher(
             config.model_dir,
-            config.allow_unsafe_deserialization,
-            config.execution,
-            config.max_batch_size,
+            config.model_poll_interval_s,
+            loader(
+                config.allow_unsafe_deserialization,
+                config.execution,
+                config.max_batch_size,
+            ),
         )
+        models = self.watcher.load_newest()
         if not models:
             raise RuntimeError(f"no model could be loaded from {config.model_dir}")
         self.core = SequenceCore(models, config)
@@ -66,15 +70,20 @@ class App:
             self.core.close()
             raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
-        self.watcher = self._watch_versions()
+        if config.model_poll_interval_s > 0:
+            self.watcher.start(
+                self.core.versions.newest_version, self.core.versions.add
+            )
         log.info(
-            "listening on %s:%d with models %s", config.host, self.port, sorted(models)
+            "listening on %s:%d with models %s",
+            config.host,
+            self.port,
+            sorted(f"{m.name} v{m.version}" for m in models),
         )
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuses new calls, lets calls in flight finish, then stops the executors."""
-        if self.watcher is not None:
-            self.watcher.stop()
+        self.watcher.stop()
         self.server.stop(grace_s).wait()
         self.core.close()
         log.info("stopped; %d sessions were live", len(self.core.sessions))
@@ -85,21 +94,3 @@ class App:
         except (OSError, ValueError):
             self.core.close()
             raise
-
-    def _watch_versions(self) -> VersionWatcher | None:
-        config = self.config
-        if config.model_poll_interval_s == 0:
-            return None
-        watcher = VersionWatcher(
-            config.model_dir,
-            config.model_poll_interval_s,
-            newest=self.core.versions.newest_version,
-            load=loader(
-                config.allow_unsafe_deserialization,
-                config.execution,
-                config.max_batch_size,
-            ),
-            add=self.core.versions.add,
-        )
-        watcher.start()
-        return watcher

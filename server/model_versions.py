@@ -65,45 +65,59 @@ def load_model_dir(
     model_dir: Path, allow_unsafe: bool, execution: str = "auto", large_batch: int = 256
 ) -> dict[str, ServedModel]:
     """The newest version of each model that loads; refusals are logged."""
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
-    models = {}
-    for name, files in newest_by_name(scan(model_dir)).items():
-        for file in files:
-            served = _load(file, allow_unsafe, execution, large_batch)
-            if served is not None:
-                models[name] = served
-                break
-    return models
+    load = loader(allow_unsafe, execution, large_batch)
+    return {m.name: m for m in VersionWatcher(model_dir, 0, load).load_newest()}
 
 
 class VersionWatcher:
-    """Polls the model directory and hands each newer, stable version to `add`.
+    """Loads the newest versions at start, then polls the model directory and
+    hands each newer, stable version to `add`.
 
-    `newest(name)` says which version is served now (0 for none). `poll` is
-    called from the watcher's own thread, never from a serving thread.
+    `poll` runs on the watcher's own thread, never on a serving thread.
     """
 
     def __init__(
         self,
         model_dir: Path,
         interval_s: float,
-        newest: Callable[[str], int],
         load: Callable[[ModelFile], ServedModel | None],
-        add: Callable[[ServedModel], None],
     ):
         self.model_dir = model_dir
         self.interval_s = interval_s
-        self._newest, self._load, self._add = newest, load, add
+        self._load = load
+        self._newest: Callable[[str], int] = lambda name: 0
+        self._add: Callable[[ServedModel], None] = lambda model: None
         self._previous: dict[Key, tuple[int, int]] = {}
-        self._refused: dict[Key, tuple[int, int]] = {}
+        self._refused: dict[Key, tuple[int, int]] = {}  # retried once rewritten
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name="model-watcher", daemon=True
         )
 
-    def start(self) -> None:
-        self._previous = {k: f.stamp for k, f in self._scan().items()}
+    def load_newest(self) -> list[ServedModel]:
+        """The newest version of each model, or the next newest if it is refused."""
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(
+                f"model directory {str(self.model_dir)!r} does not exist"
+            )
+        files = scan(self.model_dir)
+        self._previous = {key: file.stamp for key, file in files.items()}
+        models = []
+        for candidates in newest_by_name(files).values():
+            for file in candidates:
+                served = self._load(file)
+                if served is not None:
+                    models.append(served)
+                    break
+                self._refused[file.key] = file.stamp
+        return models
+
+    def start(
+        self, newest: Callable[[str], int], add: Callable[[ServedModel], None]
+    ) -> None:
+        """Polls every `interval_s`: `newest(name)` is the version served now
+        (0 for none), `add` serves a newly loaded one."""
+        self._newest, self._add = newest, add
         self._thread.start()
 
     def stop(self) -> None:
@@ -130,7 +144,7 @@ class VersionWatcher:
                 continue  # a still newer one was added in this poll
             served = self._load(file)
             if served is None:
-                self._refused[file.key] = file.stamp  # retried only once rewritten
+                self._refused[file.key] = file.stamp
             else:
                 self._add(served)
 

@@ -23,7 +23,7 @@ def interceptors(config: Config) -> list[grpc.ServerInterceptor]:
 
     Raises OSError or ValueError when a token file cannot be read or parsed.
     """
-    if not config.auth_enabled:
+    if not config.auth_enabled and config.admin_token_file is None:
         return []
     tokens = admin_tokens = None
     if config.token_file is not None:
@@ -32,7 +32,7 @@ def interceptors(config: Config) -> list[grpc.ServerInterceptor]:
         admin_tokens = load_tokens(config.admin_token_file)
     log.info(
         "auth on: %s; admin calls take %s",
-        f"{len(tokens)} bearer tokens" if tokens else "client certificates",
+        f"{len(tokens)} bearer tokens" if tokens else "no token",
         "their own tokens" if admin_tokens else "the same credentials",
     )
     certificates = config.tls_client_ca_file is not None

@@ -120,9 +120,8 @@ def test_a_file_is_loaded_only_once_it_holds_still(tmp_path):
         loaded.append(file.version)
         return None if refuse else FakeModel("lstm")
 
-    watcher = VersionWatcher(
-        tmp_path, 1.0, newest=lambda name: 1, load=load, add=lambda model: None
-    )
+    watcher = VersionWatcher(tmp_path, 1.0, load)
+    watcher._newest = lambda name: 1  # as `start` sets it, without the thread
     path.write_bytes(b"half")
     watcher.poll()  # first sight
     _rewrite(path, b"half a file")
