@@ -71,9 +71,7 @@ class SequenceCore:
         return self.versions.newest
 
     def model(self, name: str, version: int = 0) -> ServedModel:
-        model = self.versions.acquire(name, version)
-        self.versions.release(_key(model))
-        return model
+        return self.versions.find(name, version)
 
     def start_session(
         self,

@@ -62,14 +62,13 @@ class LoadedVersions:
         model = self.newest.get(name)
         return 0 if model is None else model.version
 
+    def find(self, name: str, version: int = 0) -> ServedModel:
+        """A loaded version (0: the newest); NotFound lists what is loaded."""
+        with self._lock:
+            return self._find(name, version)
+
     def acquire(self, name: str, version: int = 0) -> ServedModel:
-        """The version to start a session on (0: the newest), counted as used
-        until `release`."""
-        if not name:
-            raise InvalidArgument(
-                "model: expected a model name, received none; loaded models: "
-                f"{sorted(self.newest)}"
-            )
+        """As `find`, counting a session on the version until `release`."""
         with self._lock:
             model = self._find(name, version)
             self._sessions[_key(model)] += 1
@@ -94,6 +93,11 @@ class LoadedVersions:
             executor.close()
 
     def _find(self, name: str, version: int) -> ServedModel:
+        if not name:
+            raise InvalidArgument(
+                "model: expected a model name, received none; loaded models: "
+                f"{sorted(self.newest)}"
+            )
         if name not in self.newest:
             raise NotFound(
                 f"model {name!r} is not loaded; loaded models: {sorted(self.newest)}"

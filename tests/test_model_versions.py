@@ -10,7 +10,7 @@ import pytest
 from seqserve.client import NotFoundError
 from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
-from seqserve.server.errors import NotFound, ResourceExhausted
+from seqserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from seqserve.server.model_versions import VersionWatcher, scan
 
 from conftest import client_for, running_server
@@ -190,3 +190,18 @@ def _wait_for(condition) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_step_many_refuses_sessions_of_two_versions():
+    old, new = FakeModel(), FakeModel()
+    new.version = 2
+    core = SequenceCore([old], Config(port=0))
+    try:
+        core.start_session("fake", "on-1", None)
+        core.versions.add(new)
+        core.start_session("fake", "on-2", None)
+        with pytest.raises(InvalidArgument):
+            core.step_many(["on-1", "on-2"], np.ones((2, 1, 1), np.float32))
+        assert core.read_state("on-1")[2] == core.read_state("on-2")[2] == 0
+    finally:
+        core.close()
