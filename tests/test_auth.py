@@ -127,6 +127,15 @@ def test_sessions_per_client_count_per_token(model, tmp_path):
             alice.start_session("lstm")
 
 
+def test_an_admin_token_alone_leaves_the_session_calls_open(model, tmp_path):
+    admins = tmp_path / "admin-tokens"
+    admins.write_text(f"ops {OPS}\n")
+    with running_server(model[1], admin_token_file=admins) as app:
+        with client_for(app) as client, client.start_session("lstm") as session:
+            session.step(np.zeros((1, 3), np.float32))
+            assert session.timesteps == 1
+
+
 def test_admin_calls_take_the_admin_token_and_health_stays_open():
     # The admin service lives elsewhere; this checks the interceptor's rules on
     # a real gRPC server with stand-in methods that echo the caller's identity.

@@ -205,3 +205,12 @@ def test_step_many_refuses_sessions_of_two_versions():
         assert core.read_state("on-1")[2] == core.read_state("on-2")[2] == 0
     finally:
         core.close()
+
+
+def test_a_refused_newest_version_leaves_the_one_before_serving(tmp_path):
+    gru_model().save(tmp_path / "gru.keras")
+    (tmp_path / "gru").mkdir()
+    (tmp_path / "gru" / "2.keras").write_bytes(b"not a zip archive")
+    with running_server(tmp_path, model_poll_interval_s=0) as app:
+        with client_for(app) as client:
+            assert [(m.name, m.version) for m in client.list_models()] == [("gru", 1)]
