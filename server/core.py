@@ -134,7 +134,7 @@ class SequenceCore:
     ) -> tuple[ServedModel, Future]:
         """As `step`, without waiting: the future's result is the StepResult."""
         session = self.sessions.get(session_id, caller)
-        model, executor = self._runtime(session)
+        model, _ = self._runtime(session)
         check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
         if reset and state is not None:
             raise InvalidArgument(
@@ -142,7 +142,7 @@ class SequenceCore:
             )
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
-        return model, executor.submit(op)
+        return model, self._submit(session, op)
 
     def step_many(
         self,
@@ -224,11 +224,19 @@ class SequenceCore:
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
         session = op.sessions[0] if isinstance(op, ManyStepOp) else op.session
-        return self._runtime(session)[1].submit(op).result()
+        return self._submit(session, op).result()
+
+    def _submit(self, session: Session, op) -> Future:
+        _, executor = self._runtime(session)
+        try:
+            return executor.submit(op)
+        except Unavailable:
+            self._runtime(session)  # NotFound if its version was just unloaded
+            raise
 
     def _release(self, session: Session) -> Future:
         """Frees the session's state row; the version then counts it gone."""
-        future = self._runtime(session)[1].submit(StateOp("release", session))
+        future = self._submit(session, StateOp("release", session))
         future.add_done_callback(lambda _: self.versions.release(_key(session)))
         return future
 

@@ -9,7 +9,7 @@ Only the newest version of each name is loaded at start (the next newest if
 it is refused). While the server runs, a newer version is loaded once its
 file's size and modification time have held still across two polls, so a file
 still being written is not read; operators should still write it elsewhere
-and rename it into place.
+and rename it into place. Hidden files and folders (`.name`) are ignored.
 """
 
 import dataclasses
@@ -42,6 +42,8 @@ def scan(model_dir: Path) -> dict[Key, ModelFile]:
     over one in a folder, then the first by name (`.h5` before `.keras`)."""
     found: dict[Key, ModelFile] = {}
     for path in sorted(model_dir.iterdir(), key=lambda p: (p.is_dir(), p.name)):
+        if path.name.startswith("."):
+            continue  # hidden: a file being written, say
         if path.is_dir():
             candidates = [(path.name, child) for child in sorted(path.iterdir())]
         else:
@@ -177,7 +179,8 @@ def _load(file: ModelFile, allow_unsafe: bool, execution: str, large_batch: int)
 
 def _model_file(name: str | None, path: Path) -> ModelFile | None:
     """A model file, or None for anything else (a version must be 1, 2, ...)."""
-    if path.suffix not in MODEL_SUFFIXES or not path.is_file():
+    hidden = path.name.startswith(".")
+    if hidden or path.suffix not in MODEL_SUFFIXES or not path.is_file():
         return None
     if name is None:
         name, version = path.stem, 1

@@ -32,6 +32,8 @@ def test_the_layout_names_versions_and_ignores_other_files(tmp_path):
         "lstm/0.keras",
         "lstm/latest.keras",
         "lstm/notes.txt",
+        "lstm/.3.keras",
+        ".hidden.keras",
         "gru/3.keras",
         "gru/1.keras",
         "readme.md",
@@ -82,12 +84,15 @@ def test_a_new_version_dropped_in_leaves_live_sessions_on_the_old(tmp_path):
             first = before.step(x[:3])
 
             _drop_in(new, tmp_path / "lstm" / "2.keras")
+            _drop_in(gru_model(), tmp_path / "gru.keras")  # a new model, too
             _wait_for(lambda: app.core.models["lstm"].version == 2)
+            _wait_for(lambda: "gru" in app.core.models)
             pinned = client.start_session("lstm", version=1)
             after = client.start_session("lstm")
             assert (before.model.version, pinned.model.version) == (1, 1)
             assert after.model.version == 2
-            assert [m.version for m in client.list_models()] == [1, 2]
+            listed = [(m.name, m.version) for m in client.list_models()]
+            assert listed == [("gru", 1), ("lstm", 1), ("lstm", 2)]
 
             np.testing.assert_allclose(
                 after.step(x), offline_outputs(new, x), atol=1e-5
@@ -105,7 +110,7 @@ def test_a_new_version_dropped_in_leaves_live_sessions_on_the_old(tmp_path):
             assert app.core.versions.get(("lstm", 1)) is not None  # pinned holds it
             pinned.close()
             _wait_for(lambda: not old_executor._thread.is_alive())
-            assert [m.version for m in client.list_models()] == [2]
+            assert [m.version for m in client.list_models()] == [1, 2]  # gru, lstm
             with pytest.raises(NotFoundError):
                 client.start_session("lstm", version=1)
             after.step(x)  # the new version is untouched by the unload
@@ -172,7 +177,7 @@ def test_a_failed_start_does_not_hold_a_version():
 
 
 def _drop_in(model, path):
-    """As an operator should: write elsewhere, then rename into place."""
+    """As an operator should: write a hidden file, then rename it into place."""
     staging = path.parent.parent / f".{path.name}.partial.keras"
     model.save(staging)
     path.parent.mkdir(exist_ok=True)
