@@ -12,7 +12,7 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from .config import Config
 from .core import SequenceCore
 from .model_versions import VersionWatcher, loader
-from .security import interceptors, listen, server_options
+from .security import interceptors, listen, server_credentials, server_options
 from .servicer import SequenceServicer
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ class App:
         # for the GIL that long (measured on one session: p50 1.6 ms, p99 7.3 ms
         # per Step; at 50 us: 1.1 ms and 1.8 ms).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        # Token and certificate files are read first: a typo there should not
+        # wait for every model to load.
+        auth = interceptors(config)
+        credentials = server_credentials(config)
         self.watcher = VersionWatcher(
             config.model_dir,
             config.model_poll_interval_s,
@@ -55,17 +59,13 @@ class App:
             ),
             maximum_concurrent_rpcs=None,
             options=SERVER_OPTIONS + server_options(config),
-            interceptors=self._interceptors(),
+            interceptors=auth,
         )
         pb_grpc.add_SequenceServiceServicer_to_server(
             SequenceServicer(self.core), self.server
         )
         address = f"{config.host}:{config.port}"
-        try:
-            self.port = listen(self.server, address, config)
-        except OSError:
-            self.core.close()
-            raise
+        self.port = listen(self.server, address, credentials)
         if self.port == 0:
             self.core.close()
             raise RuntimeError(f"could not listen on {address}: is it in use?")
@@ -87,10 +87,3 @@ class App:
         self.server.stop(grace_s).wait()
         self.core.close()
         log.info("stopped; %d sessions were live", len(self.core.sessions))
-
-    def _interceptors(self) -> list[grpc.ServerInterceptor]:
-        try:
-            return interceptors(self.config)
-        except (OSError, ValueError):
-            self.core.close()
-            raise

@@ -39,9 +39,10 @@ def interceptors(config: Config) -> list[grpc.ServerInterceptor]:
     return [AuthInterceptor(tokens, admin_tokens, certificates)]
 
 
-def listen(server: grpc.Server, address: str, config: Config) -> int:
-    """Binds `address`, over TLS when a certificate is configured; 0 on failure."""
-    credentials = _credentials(config)
+def listen(
+    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Binds `address`, over TLS with credentials; 0 on failure."""
     try:
         if credentials is None:
             return server.add_insecure_port(address)
@@ -50,7 +51,10 @@ def listen(server: grpc.Server, address: str, config: Config) -> int:
         return 0
 
 
-def _credentials(config: Config) -> grpc.ServerCredentials | None:
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS credentials from the certificate files, or None for plaintext.
+
+    Raises OSError when a file cannot be read."""
     if config.tls_cert_file is None or config.tls_key_file is None:
         if config.admin_token_file or config.token_file:
             log.warning("bearer tokens travel in plain text: configure TLS")

@@ -12,6 +12,7 @@ from seqserve.client import (
     Session,
     UnauthenticatedError,
 )
+from seqserve.server.__main__ import main
 from seqserve.server.auth import AuthInterceptor, TokenTable, load_tokens
 from seqserve.v1 import seqserve_pb2 as pb
 
@@ -211,6 +212,17 @@ def test_a_token_file_is_read_strictly(tmp_path):
         path.write_text(text)
         with pytest.raises(ValueError):
             load_tokens(path)
+
+
+def test_the_command_line_refuses_a_bad_token_file_before_loading_models(
+    tmp_path, caplog
+):
+    bad = tmp_path / "tokens"
+    bad.write_text("alice\n")
+    empty = tmp_path / "no-models"  # were models loaded first, this would be
+    empty.mkdir()  # the complaint instead
+    assert main([f"--model-dir={empty}", f"--token-file={bad}", "--port=0"]) == 1
+    assert str(bad) in caplog.text
 
 
 def test_a_server_with_an_unreadable_token_file_does_not_start(model, tmp_path):

@@ -53,6 +53,7 @@ def test_the_layout_names_versions_and_ignores_other_files(tmp_path):
     assert files["gru", 1].path == tmp_path / "gru.keras"  # the plain file wins
 
 
+@pytest.mark.slow  # the first Keras loads of the module
 def test_the_newest_version_serves_new_sessions(tmp_path):
     old, new = lstm_model(seed=0), lstm_model(seed=5)
     old.save(tmp_path / "lstm.keras")
