@@ -73,6 +73,8 @@ def load_tokens(path: Path) -> TokenTable:
         entries.append((name, token))
     if not entries:
         raise ValueError(f"{path}: expected at least one `name token` line, found none")
+    if path.stat().st_mode & 0o077:
+        log.warning("%s is readable by other users; chmod 600 it", path)
     return TokenTable(entries)
 
 

@@ -75,11 +75,15 @@ def test_the_newest_version_serves_new_sessions(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_new_version_dropped_in_leaves_live_sessions_on_the_old(tmp_path):
+@pytest.mark.parametrize("state_storage", ["host", "tensorflow"])
+def test_a_new_version_dropped_in_leaves_live_sessions_on_the_old(
+    tmp_path, state_storage
+):
     old, new = lstm_model(seed=0), lstm_model(seed=5)
     old.save(tmp_path / "lstm.keras")
     x = frames(np.random.default_rng(1), 8)
-    with running_server(tmp_path, model_poll_interval_s=0.05) as app:
+    settings = {"model_poll_interval_s": 0.05, "state_storage": state_storage}
+    with running_server(tmp_path, **settings) as app:
         with client_for(app) as client:
             before = client.start_session("lstm")
             first = before.step(x[:3])
