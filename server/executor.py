@@ -224,7 +224,10 @@ class ModelExecutor:
         slots = np.fromiter((op.session.slot for op in steps), np.intp, len(steps))
         states, has_output = self._store.gather(slots)
         states, has_output = self._restart_rows(steps, states, has_output)
-        inputs = np.stack([op.inputs for op in steps])
+        if len(steps) == 1:  # a lone session; np.stack costs more than the step
+            inputs = steps[0].inputs[None]
+        else:
+            inputs = np.stack([op.inputs for op in steps])
         outputs, states, has_output = self._run_model(inputs, states, has_output)
         self._store.scatter(slots, states, has_output)
         if any(op.return_state for op in steps):
