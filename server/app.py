@@ -3,17 +3,24 @@
 import concurrent.futures
 import logging
 import sys
+import time
 
 import grpc
 import threadpoolctl
 
-from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.v1 import admin_pb2_grpc, seqserve_pb2_grpc
 
+from .admin_servicer import AdminServicer
 from .config import Config
 from .core import SequenceCore
+from .discovery import Health, enable_reflection
+from .errors import Unavailable
+from .metrics import Metrics
 from .model_versions import VersionWatcher, loader
+from .models import ServedModel
 from .security import interceptors, listen, server_credentials, server_options
 from .servicer import SequenceServicer
+from .session_admin import SessionAdmin
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +31,16 @@ SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class App:
-    """A started server; `port` is the bound port (useful with port 0)."""
+    """A started server; `port` is the bound port (useful with port 0), and
+    `metrics_port` the bound metrics port (None when metrics are off).
+
+    It listens before the models load, with the health service NOT_SERVING and
+    every other call UNAVAILABLE, and reports SERVING once all are warmed up.
+    """
 
     def __init__(self, config: Config):
         self.config = config
+        self.started_s = time.monotonic()
         # Steps are small matrix products; a second BLAS thread fighting the
         # gRPC threads for two cores made them erratic, 10 to 100 times slower.
         threadpoolctl.threadpool_limits(limits=1, user_api="blas")
@@ -38,8 +51,8 @@ class App:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         # Token and certificate files are read first: a typo there should not
         # wait for every model to load.
-        auth = interceptors(config)
-        credentials = server_credentials(config)
+        self._auth = interceptors(config)
+        self._credentials = server_credentials(config)
         self.watcher = VersionWatcher(
             config.model_dir,
             config.model_poll_interval_s,
@@ -49,41 +62,98 @@ class App:
                 config.max_batch_size,
             ),
         )
-        models = self.watcher.load_newest()
-        if not models:
-            raise RuntimeError(f"no model could be loaded from {config.model_dir}")
-        self.core = SequenceCore(models, config)
+        self.metrics = Metrics()
+        self.core = None
+        self._listen()
+        try:
+            self.metrics_port = self._serve_metrics()
+            self._start_core()
+        except BaseException:
+            self.server.stop(0).wait()
+            self.metrics.stop()
+            raise
+        if config.model_poll_interval_s > 0:
+            self.watcher.start(
+                self.core.versions.newest_version, self.core.versions.add
+            )
+        self.health.serving()
+        log.info(
+            "serving models %s: all loaded and warmed up",
+            [f"{m.name} v{m.version}" for m in self.core.versions.all()],
+        )
+
+    def _listen(self) -> None:
+        config, loading = self.config, _Loading()
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=config.worker_threads, thread_name_prefix="grpc"
             ),
             maximum_concurrent_rpcs=None,
             options=SERVER_OPTIONS + server_options(config),
-            interceptors=auth,
+            interceptors=self._auth,
         )
-        pb_grpc.add_SequenceServiceServicer_to_server(
-            SequenceServicer(self.core), self.server
+        self._sequence = SequenceServicer(loading, self.metrics)
+        self._admin = AdminServicer(loading, self.metrics)
+        seqserve_pb2_grpc.add_SequenceServiceServicer_to_server(
+            self._sequence, self.server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self._admin, self.server)
+        self.health = Health(self.server)
+        enable_reflection(self.server)
         address = f"{config.host}:{config.port}"
-        self.port = listen(self.server, address, credentials)
+        self.port = listen(self.server, address, self._credentials)
         if self.port == 0:
-            self.core.close()
             raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
-        if config.model_poll_interval_s > 0:
-            self.watcher.start(
-                self.core.versions.newest_version, self.core.versions.add
-            )
-        log.info(
-            "listening on %s:%d with models %s",
-            config.host,
-            self.port,
-            sorted(f"{m.name} v{m.version}" for m in models),
-        )
+        log.info("listening on %s:%d; loading models", config.host, self.port)
+
+    def _serve_metrics(self) -> int | None:
+        if self.config.metrics_port is None:
+            return None
+        try:
+            port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        except OSError as error:
+            raise RuntimeError(
+                f"could not serve metrics on {self.config.host}:"
+                f"{self.config.metrics_port}: {error}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", self.config.host, port)
+        return port
+
+    def _start_core(self) -> None:
+        models = self._load_models()
+        if not models:
+            raise RuntimeError(f"no model could be loaded from {self.config.model_dir}")
+        self.core = SequenceCore(models, self.config, self.metrics)
+        self._sequence.core = self.core
+        self._admin.admin = SessionAdmin(self.core)
+
+    def _load_models(self) -> list[ServedModel]:
+        return self.watcher.load_newest()
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Refuses new calls, lets calls in flight finish, then stops the executors."""
+        """Reports NOT_SERVING, refuses new calls, lets calls in flight finish,
+        then stops the executors."""
         self.watcher.stop()
+        self.health.draining()
         self.server.stop(grace_s).wait()
+        self.metrics.stop()
+        if self.core is None:
+            return
         self.core.close()
-        log.info("stopped; %d sessions were live", len(self.core.sessions))
+        log.info(
+            "stopped after %.0f s; %d sessions were live; %s",
+            time.monotonic() - self.started_s,
+            len(self.core.sessions),
+            self.metrics.summary(),
+        )
+
+
+class _Loading:
+    """Stands in for the core and the session admin while the models load."""
+
+    def __getattr__(self, name: str):
+        raise Unavailable(
+            "the server is still loading its models; retry once its health "
+            "service reports SERVING"
+        )

@@ -23,8 +23,17 @@ from .executor import (
     StepResult,
 )
 from .loaded_versions import LoadedVersions
+from .logs import about
+from .metrics import Metrics
 from .models import ServedModel
-from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry, ended_message
+from .sessions import (
+    ENDED_BY_CLIENT,
+    EVICTED_FOR_ROOM,
+    Session,
+    SessionRegistry,
+    SessionsFull,
+    ended_message,
+)
 from .validation import StateEntry, check_inputs, check_state
 
 log = logging.getLogger(__name__)
@@ -41,8 +50,10 @@ class SequenceCore:
         self,
         models: Mapping[str, ServedModel] | Iterable[ServedModel],
         config: Config,
+        metrics: Metrics | None = None,
     ):
         self.config = config
+        self.metrics = Metrics() if metrics is None else metrics
         self.sessions = SessionRegistry(
             config.max_sessions, config.max_sessions_per_client
         )
@@ -53,10 +64,12 @@ class SequenceCore:
                 config.max_batch_size,
                 config.max_batch_wait_ms,
                 state_on_device=on_device,
+                stats=self.metrics.stats_for(model.name),
             )
         )
         for model in models.values() if isinstance(models, Mapping) else models:
             self.versions.add(model)
+        self.metrics.attach(self)
         self._stopping = threading.Event()
         self._reaper = None
         if config.idle_timeout_s > 0:
@@ -89,7 +102,7 @@ class SequenceCore:
             values = (
                 None if state is None else check_state(model, state, "initial_state")
             )
-            session = self.sessions.add(model.name, session_id, caller, client)
+            session = self._admit(model.name, session_id, caller, client)
         except BaseException:
             self.versions.release(_key(model))
             raise
@@ -101,13 +114,31 @@ class SequenceCore:
             self.versions.release(_key(model))
             raise
         self.sessions.activate(session)
+        self.metrics.session_started(model.name)
         log.debug(
-            "session %s started on model %r version %d",
-            session.id,
+            "session started on model %r version %d",
             model.name,
             model.version,
+            extra=about(session),
         )
         return session, model
+
+    def _admit(
+        self, model_name: str, session_id: str, caller: str | None, client: str
+    ) -> Session:
+        """Reserves a session, evicting the least recently used one when full
+        and the policy says so (a few tries: concurrent starts may take the room)."""
+        for _ in range(3):
+            try:
+                return self.sessions.add(model_name, session_id, caller, client)
+            except SessionsFull:
+                if self.config.when_full != "evict-lru":
+                    raise
+                victim = self.sessions.remove_least_recent(EVICTED_FOR_ROOM)
+                if victim is not None:
+                    log.debug("session evicted to make room", extra=about(victim))
+                    self.release_ended(victim, "evicted")
+        return self.sessions.add(model_name, session_id, caller, client)
 
     def step(
         self,
@@ -194,8 +225,18 @@ class SequenceCore:
     def end_session(self, session_id: str, caller: str | None = None) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
         session = self.sessions.remove(session_id, ENDED_BY_CLIENT, caller)
-        log.debug("session %s ended", session.id)
+        self.metrics.session_ended(session.model, "closed")
+        log.debug("session ended by the client", extra=about(session))
+        return self.release(session)
+
+    def release(self, session: Session) -> int:
+        """Frees an ended session's state once its submitted steps have applied;
+        returns its timesteps."""
         return self._release(session).result()
+
+    def queue_depth(self, model_name: str) -> int:
+        """Operations queued for every loaded version of the model."""
+        return sum(executor.queued() for _, executor in self.versions.of(model_name))
 
     def _distinct_sessions(
         self, session_ids: list[str], caller: str | None
@@ -246,10 +287,12 @@ class SequenceCore:
         interval = min(1.0, max(0.01, self.config.idle_timeout_s / 4))
         while not self._stopping.wait(interval):
             for session in self.sessions.remove_idle(self.config.idle_timeout_s):
-                log.debug("session %s expired after idle timeout", session.id)
-                self._release_expired(session)
+                log.debug("session expired after idle timeout", extra=about(session))
+                self.release_ended(session, "idle_timeout")
 
-    def _release_expired(self, session: Session) -> None:
+    def release_ended(self, session: Session, reason: str) -> None:
+        """Frees the state of a session that nobody waits for (expired, evicted)."""
+        self.metrics.session_ended(session.model, reason)
         try:
             future = self._release(session)
         except Unavailable:
@@ -277,6 +320,6 @@ def _states_on_device(config: Config) -> bool:
 
 
 def _log_failure(future) -> None:
-    # Nobody waits for an expiry's release, so its failure is logged here.
+    # Nobody waits for such a release, so its failure is logged here.
     if future.exception() is not None:
-        log.error("releasing an expired session failed", exc_info=future.exception())
+        log.error("releasing an ended session failed", exc_info=future.exception())

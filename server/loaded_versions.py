@@ -83,6 +83,11 @@ class LoadedVersions:
         if retired:
             _unload(retired)
 
+    def of(self, name: str) -> list[tuple[ServedModel, ModelExecutor]]:
+        """Every loaded version of the model, oldest first."""
+        with self._lock:
+            return [self._loaded[key] for key in sorted(self._loaded) if key[0] == name]
+
     def get(self, key: Key) -> tuple[ServedModel, ModelExecutor] | None:
         return self._loaded.get(key)
 

@@ -18,6 +18,7 @@ from . import tensors
 from .auth import caller_of, identity_of
 from .core import SequenceCore
 from .errors import SeqServeError
+from .metrics import Metrics
 from .models import ServedModel
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,23 @@ def _statuses(method):
         try:
             return method(self, request, context)
         except SeqServeError as error:
+            self.metrics.rejected(error.code)
+            log.debug("%s refused: %s", method.__name__, error, extra=_about(request))
             context.abort(error.code, str(error))
         except Exception:
-            log.exception("unexpected error in %s", method.__name__)
+            self.metrics.rejected(grpc.StatusCode.INTERNAL)
+            log.exception(
+                "unexpected error in %s", method.__name__, extra=_about(request)
+            )
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
 
     return wrapper
 
 
 class SequenceServicer(pb_grpc.SequenceServiceServicer):
-    def __init__(self, core: SequenceCore):
+    def __init__(self, core: SequenceCore, metrics: Metrics | None = None):
         self.core = core
+        self.metrics = core.metrics if metrics is None else metrics
 
     @_statuses
     def ListModels(self, request, context):
@@ -101,7 +108,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             daemon=True,
         ).start()
         while (item := _next(pending, context)) is not _END_OF_STREAM:
-            yield _outcome(item)
+            yield _outcome(item, self.metrics)
 
     def _submit_stream(self, requests, pending: queue.Queue, context, caller) -> None:
         try:
@@ -180,17 +187,25 @@ def _put(pending: queue.Queue, item, context) -> bool:
     return False
 
 
-def _outcome(item) -> pb.StepOutcome:
+def _about(request) -> dict:
+    session_id = getattr(request, "session_id", "")
+    has_one = isinstance(session_id, str) and session_id
+    return {"session_id": session_id} if has_one else {}
+
+
+def _outcome(item, metrics: Metrics) -> pb.StepOutcome:
     try:
         if isinstance(item, Exception):
             raise item
         model, future = item
         return pb.StepOutcome(response=_step_reply(model, future.result()))
     except SeqServeError as error:
+        metrics.rejected(error.code)
         return pb.StepOutcome(error=_error(error.code, str(error)))
     except Exception:
         log.exception("unexpected error in StepStream")
         internal = grpc.StatusCode.INTERNAL
+        metrics.rejected(internal)
         return pb.StepOutcome(error=_error(internal, "internal error; see server log"))
 
 

@@ -20,6 +20,15 @@ from .errors import (
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REMEMBERED_ENDINGS = 100_000
 ENDED_BY_CLIENT = "was ended by the client"
+EVICTED_BY_OPERATOR = "was evicted by an operator"
+EVICTED_FOR_ROOM = (
+    "was evicted, least recently used, to make room for a new session "
+    "(--when-full evict-lru)"
+)
+
+
+class SessionsFull(ResourceExhausted):
+    """The server holds its maximum of live sessions."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +38,8 @@ class Session:
     created_s: float
     last_used_s: float
     version: int = 1  # of the model; set at start
+    steps: int = 0  # applied since start; written by the model's executor
+    last_step_s: float = 0.0  # time.monotonic() of the last step; 0 before any
     slot: int = -1  # the row in the model's state store; set by its executor
     timesteps: int = 0  # since start, reset or set
     # False until its state row exists: calls must not reach the executor before
@@ -49,7 +60,8 @@ class SessionRegistry:
         self.max_sessions = max_sessions
         self.max_per_client = max_per_client  # 0: no limit
         self._lock = threading.Lock()
-        self._live: dict[str, Session] = {}
+        # In order of last use, least recent first (for --when-full evict-lru).
+        self._live: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self._per_client: collections.Counter[str] = collections.Counter()
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
 
@@ -74,7 +86,7 @@ class SessionRegistry:
                     "leave it empty for the server to mint one"
                 )
             if len(self._live) >= self.max_sessions:
-                raise ResourceExhausted(
+                raise SessionsFull(
                     f"the server holds its maximum of {self.max_sessions} sessions; "
                     "end idle sessions or raise --max-sessions"
                 )
@@ -122,8 +134,9 @@ class SessionRegistry:
         calling, refused unless it started the session (when auth is on)."""
         _check_given(session_id)
         with self._lock:
-            session = self._started(session_id, caller)
+            session = self._owned(session_id, caller)
             session.last_used_s = time.monotonic()
+            self._live.move_to_end(session_id)
             return session
 
     def get_many(
@@ -141,24 +154,69 @@ class SessionRegistry:
                 ):
                     self._refuse_item(index, session_ids[index], caller)
                 session.last_used_s = now
+                self._live.move_to_end(session.id)
             return sessions
 
     def _refuse_item(self, index: int, session_id: str, caller: str | None) -> NoReturn:
         try:
             _check_given(session_id)
-            self._started(session_id, caller)
+            self._owned(session_id, caller)
         except SeqServeError as error:
             raise type(error)(f"session_ids[{index}]: {error}") from None
 
     def remove(
-        self, session_id: str, reason: str, caller: str | None = None
+        self, session_id: str, reason: str, caller: "str | None | Operator" = None
     ) -> Session:
         _check_given(session_id)
         with self._lock:
-            session = self._started(session_id, caller)
+            session = self._owned(session_id, caller)
             self._drop(session)
             self._remember(session, reason)
             return session
+
+    def remove_least_recent(self, reason: str) -> Session | None:
+        """Removes the started session used least recently; None when none is."""
+        with self._lock:
+            for session in self._live.values():
+                if session.started:
+                    self._drop(session)
+                    self._remember(session, reason)
+                    return session
+            return None
+
+    def remove_all(self, model: str | None, reason: str) -> list[Session]:
+        """Removes every started session of `model` (None: of every model)."""
+        with self._lock:
+            gone = [
+                s
+                for s in self._live.values()
+                if s.started and (model is None or s.model == model)
+            ]
+            for session in gone:
+                self._drop(session)
+                self._remember(session, reason)
+            return gone
+
+    def live(self, session_id: str) -> Session:
+        """The live session, without marking it used (for inspection)."""
+        _check_given(session_id)
+        with self._lock:
+            return self._started(session_id)
+
+    def snapshot(self, model: str | None = None) -> list[Session]:
+        """The started sessions (of `model`, when given), in no set order."""
+        with self._lock:
+            return [
+                s
+                for s in self._live.values()
+                if s.started and (model is None or s.model == model)
+            ]
+
+    def count_by_model(self) -> dict[str, int]:
+        with self._lock:
+            return dict(
+                collections.Counter(s.model for s in self._live.values() if s.started)
+            )
 
     def remove_idle(self, idle_timeout_s: float) -> list[Session]:
         cutoff = time.monotonic() - idle_timeout_s
@@ -172,10 +230,15 @@ class SessionRegistry:
                 self._remember(session, reason)
             return idle
 
-    def _started(self, session_id: str, caller: str | None = None) -> Session:
+    def _started(self, session_id: str) -> Session:
         session = self._live.get(session_id)
         if session is None or not session.started:
             raise NotFound(self._why_missing(session_id))
+        return session
+
+    def _owned(self, session_id: str, caller: "str | None | Operator") -> Session:
+        """As `_started`, refused unless `caller` may use the session."""
+        session = self._started(session_id)
         if not _usable_by(session, caller):
             raise PermissionDenied(
                 f"session {session_id!r} was started by other credentials; only "
@@ -203,8 +266,15 @@ def ended_message(session_id: str, reason: str) -> str:
     return f"session {session_id!r} {reason}; start a new session to continue"
 
 
-def _usable_by(session: Session, caller: str | None) -> bool:
-    return session.owner is None or session.owner == caller
+class Operator:
+    """Passed as `caller` by admin paths: an operator may act on any session."""
+
+
+OPERATOR = Operator()
+
+
+def _usable_by(session: Session, caller: str | None | Operator) -> bool:
+    return session.owner is None or caller is OPERATOR or session.owner == caller
 
 
 def _check_given(session_id: str) -> None:

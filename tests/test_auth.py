@@ -12,11 +12,15 @@ from seqserve.client import (
     Session,
     UnauthenticatedError,
 )
-from seqserve.server.__main__ import main
 from seqserve.server.auth import AuthInterceptor, TokenTable, load_tokens
+from seqserve.server.config import Config
+from seqserve.server.core import SequenceCore
+from seqserve.server.errors import NotFound, PermissionDenied
+from seqserve.server.session_admin import SessionAdmin
 from seqserve.v1 import seqserve_pb2 as pb
 
 from conftest import client_for, running_server
+from fake_model import FakeModel
 from rpc_helpers import stub_for, tensor
 from small_models import frames, lstm_model, offline_outputs, save_models
 
@@ -214,23 +218,30 @@ def test_a_token_file_is_read_strictly(tmp_path):
             load_tokens(path)
 
 
-def test_the_command_line_refuses_a_bad_token_file_before_loading_models(
-    tmp_path, caplog
-):
+def test_a_server_with_an_unreadable_token_file_does_not_start(tmp_path):
+    # The token file is read before any model loads: with no models at all,
+    # the token file is still what the server complains about.
     bad = tmp_path / "tokens"
     bad.write_text("alice\n")
-    empty = tmp_path / "no-models"  # were models loaded first, this would be
-    empty.mkdir()  # the complaint instead
-    assert main([f"--model-dir={empty}", f"--token-file={bad}", "--port=0"]) == 1
-    assert str(bad) in caplog.text
-
-
-def test_a_server_with_an_unreadable_token_file_does_not_start(model, tmp_path):
-    bad = tmp_path / "tokens"
-    bad.write_text("alice\n")
-    with pytest.raises(ValueError):
-        with running_server(model[1], token_file=bad):
+    no_models = tmp_path / "models"
+    no_models.mkdir()
+    with pytest.raises(ValueError, match="line 1"):
+        with running_server(no_models, token_file=bad):
             pass
     with pytest.raises(OSError):
-        with running_server(model[1], token_file=tmp_path / "missing"):
+        with running_server(no_models, token_file=tmp_path / "missing"):
             pass
+
+
+def test_an_operator_may_evict_a_session_of_any_owner():
+    core = SequenceCore([FakeModel()], Config(port=0))
+    x = np.ones((1, 1), np.float32)
+    try:
+        core.start_session("fake", "s", None, caller="alice", client="alice")
+        with pytest.raises(PermissionDenied):
+            core.step("s", x, caller="bob")
+        assert SessionAdmin(core).evict("s") == 0
+        with pytest.raises(NotFound):
+            core.step("s", x, caller="alice")
+    finally:
+        core.close()
