@@ -5,6 +5,7 @@ import concurrent.futures
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqserve.client import (
     PermissionDeniedError,
@@ -17,7 +18,9 @@ from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
 from seqserve.server.errors import NotFound, PermissionDenied
 from seqserve.server.session_admin import SessionAdmin
+from seqserve.v1 import admin_pb2, admin_pb2_grpc
 from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from conftest import client_for, running_server
 from fake_model import FakeModel
@@ -139,6 +142,41 @@ def test_an_admin_token_alone_leaves_the_session_calls_open(model, tmp_path):
         with client_for(app) as client, client.start_session("lstm") as session:
             session.step(np.zeros((1, 3), np.float32))
             assert session.timesteps == 1
+
+
+def test_on_a_real_server_admin_calls_take_the_admin_token_and_health_is_open(
+    model, tmp_path
+):
+    tokens, admins = tmp_path / "tokens", tmp_path / "admin-tokens"
+    tokens.write_text(f"alice {ALICE}\n")
+    admins.write_text(f"ops {OPS}\n")
+    settings = {"token_file": tokens, "admin_token_file": admins}
+    with running_server(model[1], **settings) as app:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            sessions = admin_pb2.ListSessionsRequest()
+            admin.ListSessions(sessions, timeout=30, metadata=_bearer(OPS))
+            sequence = pb_grpc.SequenceServiceStub(channel)
+            sequence.ListModels(
+                pb.ListModelsRequest(), timeout=30, metadata=_bearer(ALICE)
+            )
+            refused = [
+                (admin.ListSessions, sessions, ALICE),
+                (admin.ListSessions, sessions, None),
+                (sequence.ListModels, pb.ListModelsRequest(), OPS),
+            ]
+            for method, request, token in refused:
+                with pytest.raises(grpc.RpcError) as caught:
+                    method(request, timeout=30, metadata=_bearer(token))
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _bearer(token: str | None):
+    return [("authorization", f"Bearer {token}")] if token else None
 
 
 def test_admin_calls_take_the_admin_token_and_health_stays_open():
