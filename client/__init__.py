@@ -6,8 +6,10 @@ from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     SeqServeError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -18,11 +20,13 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "SeqServeError",
     "Session",
     "State",
     "StatePartInfo",
     "TensorInfo",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -48,6 +48,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     state: tuple[StatePartInfo, ...]
     outputs_per_timestep: bool
+    version: int = 1
 
     @classmethod
     def from_proto(cls, info: pb.ModelInfo) -> "ModelInfo":
@@ -65,6 +66,7 @@ class ModelInfo:
                 for p in info.state
             ),
             outputs_per_timestep=info.outputs_per_timestep,
+            version=info.version,
         )
 
 
@@ -72,6 +74,12 @@ class Client:
     """Thread-safe; one channel shared by every session made from it.
 
     `timeout_s` is the deadline of each call (None: no deadline).
+
+    TLS is on with `tls=True` or any certificate given (PEM bytes):
+    `root_certificates` to trust the server's (default: the system's),
+    `certificate_chain` and `private_key` for a server that requires client
+    certificates. `token` is sent as `authorization: Bearer <token>` on every
+    call. `max_message_bytes` raises gRPC's 4 MiB limit on replies.
     """
 
     def __init__(
@@ -80,20 +88,46 @@ class Client:
         *,
         timeout_s: float | None = 30.0,
         channel: grpc.Channel | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+        max_message_bytes: int | None = None,
     ):
-        self._channel = channel or grpc.insecure_channel(target)
+        options = []
+        if max_message_bytes is not None:
+            options.append(("grpc.max_receive_message_length", max_message_bytes))
+            options.append(("grpc.max_send_message_length", max_message_bytes))
+        if channel is None and (tls or root_certificates or certificate_chain):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates, private_key, certificate_chain
+            )
+            channel = grpc.secure_channel(target, credentials, options)
+        self._channel = channel or grpc.insecure_channel(target, options)
         self._stub = pb_grpc.SequenceServiceStub(self._channel)
         self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def list_models(self) -> list[ModelInfo]:
         reply = self._call(self._stub.ListModels, pb.ListModelsRequest())
         return [ModelInfo.from_proto(m) for m in reply.models]
 
     def start_session(
-        self, model: str, *, session_id: str = "", state: State | None = None
+        self,
+        model: str,
+        *,
+        session_id: str = "",
+        state: State | None = None,
+        version: int = 0,
     ) -> "Session":
-        """Starts a session from zeros, or from `state`. Not idempotent."""
-        request = pb.StartSessionRequest(model=model, session_id=session_id)
+        """Starts a session from zeros, or from `state`. Not idempotent.
+
+        `version` 0 is the model's newest; the session stays on the version it
+        starts on (`session.model.version`) until it ends."""
+        request = pb.StartSessionRequest(
+            model=model, session_id=session_id, version=version
+        )
         if state is not None:
             request.initial_state.CopyFrom(_state_to_proto(state))
         reply = self._call(self._stub.StartSession, request)
@@ -141,7 +175,10 @@ class Client:
                 )
 
         try:
-            for outcome in self._stub.StepStream(requests(), timeout=None):
+            replies = self._stub.StepStream(
+                requests(), timeout=None, metadata=self._metadata
+            )
+            for outcome in replies:
                 session = sent.get()
                 if outcome.HasField("error"):
                     yield from_code(outcome.error.code, outcome.error.message)
@@ -162,7 +199,7 @@ class Client:
 
     def _call(self, method: Callable, request):
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 

@@ -36,6 +36,14 @@ class DeadlineExceededError(SeqServeError):
     """The call's deadline passed; whether a step applied is unknown."""
 
 
+class UnauthenticatedError(SeqServeError):
+    """The call carried no token, or one the server does not know."""
+
+
+class PermissionDeniedError(SeqServeError):
+    """The session was started by other credentials; only they may use it."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -43,6 +51,8 @@ _BY_CODE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -6,6 +6,7 @@ the state-touching work to the model's executor and waits for it.
 
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 
 import numpy as np
@@ -22,6 +23,7 @@ from .executor import (
     StepOp,
     StepResult,
 )
+from .loaded_versions import LoadedVersions
 from .logs import about
 from .metrics import Metrics
 from .models import ServedModel
@@ -31,6 +33,7 @@ from .sessions import (
     Session,
     SessionRegistry,
     SessionsFull,
+    ended_message,
 )
 from .validation import StateEntry, check_inputs, check_state
 
@@ -38,31 +41,37 @@ log = logging.getLogger(__name__)
 
 
 class SequenceCore:
-    """Thread-safe: any number of callers may use it at once."""
+    """Thread-safe: any number of callers may use it at once.
+
+    `caller` arguments name the identity making a call (None when auth is off):
+    a session started by one identity is refused to every other.
+    """
 
     def __init__(
         self,
-        models: dict[str, ServedModel],
+        models: Mapping[str, ServedModel] | Iterable[ServedModel],
         config: Config,
         metrics: Metrics | None = None,
     ):
-        self.models = models
         self.config = config
         self.metrics = Metrics() if metrics is None else metrics
-        self.sessions = SessionRegistry(config.max_sessions)
-        self._executors = {
-            name: ModelExecutor(
+        self.sessions = SessionRegistry(
+            config.max_sessions, config.max_sessions_per_client
+        )
+        on_device = _states_on_device(config)
+        self.versions = LoadedVersions(
+            lambda model: ModelExecutor(
                 model,
                 config.max_batch_size,
                 config.max_batch_wait_ms,
-                state_on_device=_states_on_device(config),
-                stats=self.metrics.stats_for(name),
+                state_on_device=on_device,
+                stats=self.metrics.stats_for(model.name),
             )
-            for name, model in models.items()
-        }
-        self.admissions = {
-            name: Admission(name, config.max_queued_steps) for name in models
-        }
+        )
+        for model in models.values() if isinstance(models, Mapping) else models:
+            self.versions.add(model)
+        # By model name, every loaded version together; made on first use.
+        self.admissions: dict[str, Admission] = {}
         self.metrics.attach(self)
         self._stopping = threading.Event()
         self._reaper = None
@@ -72,42 +81,59 @@ class SequenceCore:
             )
             self._reaper.start()
 
-    def model(self, name: str) -> ServedModel:
-        if not name:
-            raise InvalidArgument(
-                "model: expected a model name, received none; loaded models: "
-                f"{sorted(self.models)}"
-            )
-        model = self.models.get(name)
-        if model is None:
-            raise NotFound(
-                f"model {name!r} is not loaded; loaded models: {sorted(self.models)}"
-            )
-        return model
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The newest version of each model: the one new sessions start on."""
+        return self.versions.newest
+
+    def model(self, name: str, version: int = 0) -> ServedModel:
+        return self.versions.find(name, version)
 
     def start_session(
-        self, model_name: str, session_id: str, state: list[StateEntry] | None
+        self,
+        model_name: str,
+        session_id: str,
+        state: list[StateEntry] | None,
+        version: int = 0,
+        caller: str | None = None,
+        client: str = "",
     ) -> tuple[Session, ServedModel]:
-        model = self.model(model_name)
-        values = None if state is None else check_state(model, state, "initial_state")
-        session = self._admit(model.name, session_id)
+        """On `version` of the model (0: the newest). `client` is what the
+        per-client session limit counts."""
+        model = self.versions.acquire(model_name, version)
+        try:
+            values = (
+                None if state is None else check_state(model, state, "initial_state")
+            )
+            session = self._admit(model.name, session_id, caller, client)
+        except BaseException:
+            self.versions.release(_key(model))
+            raise
         session.version = model.version
         try:
             self._run(StateOp("start", session, values))
         except BaseException:
             self.sessions.discard(session)
+            self.versions.release(_key(model))
             raise
         self.sessions.activate(session)
         self.metrics.session_started(model.name)
-        log.debug("session started on model %r", model.name, extra=about(session))
+        log.debug(
+            "session started on model %r version %d",
+            model.name,
+            model.version,
+            extra=about(session),
+        )
         return session, model
 
-    def _admit(self, model_name: str, session_id: str) -> Session:
+    def _admit(
+        self, model_name: str, session_id: str, caller: str | None, client: str
+    ) -> Session:
         """Reserves a session, evicting the least recently used one when full
         and the policy says so (a few tries: concurrent starts may take the room)."""
         for _ in range(3):
             try:
-                return self.sessions.add(model_name, session_id)
+                return self.sessions.add(model_name, session_id, caller, client)
             except SessionsFull:
                 if self.config.when_full != "evict-lru":
                     raise
@@ -115,7 +141,7 @@ class SequenceCore:
                 if victim is not None:
                     log.debug("session evicted to make room", extra=about(victim))
                     self.release_ended(victim, "evicted")
-        return self.sessions.add(model_name, session_id)
+        return self.sessions.add(model_name, session_id, caller, client)
 
     def step(
         self,
@@ -124,8 +150,11 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
     ) -> tuple[ServedModel, StepResult]:
-        model, future = self.submit_step(session_id, inputs, state, reset, return_state)
+        model, future = self.submit_step(
+            session_id, inputs, state, reset, return_state, caller
+        )
         return model, future.result()
 
     def submit_step(
@@ -135,10 +164,11 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
     ) -> tuple[ServedModel, Future]:
         """As `step`, without waiting: the future's result is the StepResult."""
-        session = self.sessions.get(session_id)
-        model = self.models[session.model]
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
         if reset and state is not None:
             raise InvalidArgument(
@@ -146,7 +176,7 @@ class SequenceCore:
             )
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
-        return model, self._submit_admitted(model.name, op, steps=1)
+        return model, self._submit_admitted(session, op, steps=1)
 
     def step_many(
         self,
@@ -154,15 +184,18 @@ class SequenceCore:
         inputs: np.ndarray,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
     ) -> tuple[ServedModel, ManyStepResult]:
-        """Steps distinct sessions of one model as one batch; all or nothing."""
-        sessions = self._distinct_sessions(session_ids)
-        model = self.models[sessions[0].model]
-        others = [s for s in sessions if s.model != model.name]
+        """Steps distinct sessions of one model version as one batch; all or
+        nothing."""
+        sessions = self._distinct_sessions(session_ids, caller)
+        model, _ = self._runtime(sessions[0])
+        others = [s for s in sessions if _key(s) != _key(model)]
         if others:
             raise InvalidArgument(
-                f"session_ids: expected sessions of one model, received sessions "
-                f"of {model.name!r} and {others[0].model!r} ({others[0].id!r})"
+                f"session_ids: expected sessions of one model version, received "
+                f"sessions of {model.name!r} version {model.version} and "
+                f"{others[0].model!r} version {others[0].version} ({others[0].id!r})"
             )
         check_inputs(
             model,
@@ -171,23 +204,31 @@ class SequenceCore:
             max_timesteps=self.config.max_timesteps,
         )
         op = ManyStepOp(sessions, inputs, reset, return_state)
-        return model, self._submit_admitted(model.name, op, len(sessions)).result()
+        return model, self._submit_admitted(sessions[0], op, len(sessions)).result()
 
-    def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
+    def write_state(
+        self,
+        session_id: str,
+        state: list[StateEntry] | None,
+        caller: str | None = None,
+    ) -> None:
         """Reset (state None: zeros) or set a session's state."""
-        session = self.sessions.get(session_id)
-        model = self.models[session.model]
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         values = None if state is None else check_state(model, state, "state")
         self._run(StateOp("write", session, values))
 
-    def read_state(self, session_id: str) -> tuple[ServedModel, list[np.ndarray], int]:
-        session = self.sessions.get(session_id)
+    def read_state(
+        self, session_id: str, caller: str | None = None
+    ) -> tuple[ServedModel, list[np.ndarray], int]:
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         values, timesteps = self._run(StateOp("read", session))
-        return self.models[session.model], values, timesteps
+        return model, values, timesteps
 
-    def end_session(self, session_id: str) -> int:
+    def end_session(self, session_id: str, caller: str | None = None) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
-        session = self.sessions.remove(session_id, ENDED_BY_CLIENT)
+        session = self.sessions.remove(session_id, ENDED_BY_CLIENT, caller)
         self.metrics.session_ended(session.model, "closed")
         log.debug("session ended by the client", extra=about(session))
         return self.release(session)
@@ -195,12 +236,15 @@ class SequenceCore:
     def release(self, session: Session) -> int:
         """Frees an ended session's state once its submitted steps have applied;
         returns its timesteps."""
-        return self._run(StateOp("release", session))
+        return self._release(session).result()
 
     def queue_depth(self, model_name: str) -> int:
-        return self._executors[model_name].queued()
+        """Operations queued for every loaded version of the model."""
+        return sum(executor.queued() for _, executor in self.versions.of(model_name))
 
-    def _distinct_sessions(self, session_ids: list[str]) -> list[Session]:
+    def _distinct_sessions(
+        self, session_ids: list[str], caller: str | None
+    ) -> list[Session]:
         if not session_ids:
             raise InvalidArgument("session_ids: expected at least one, received none")
         if len(set(session_ids)) != len(session_ids):
@@ -209,20 +253,30 @@ class SequenceCore:
             raise InvalidArgument(
                 f"session_ids: expected distinct sessions, received {twice!r} twice"
             )
-        return self.sessions.get_many(session_ids)
+        return self.sessions.get_many(session_ids, caller)
 
     def close(self) -> None:
         self._stopping.set()
-        for executor in self._executors.values():
-            executor.close()
+        self.versions.close()
 
-    def _submit_admitted(self, model: str, op: StepOp | ManyStepOp, steps: int):
-        """Queues a step if the model's admission lets it in, else raises
+    def _runtime(self, session: Session) -> tuple[ServedModel, ModelExecutor]:
+        """The session's model version and its executor."""
+        entry = self.versions.get(_key(session))
+        if entry is None:  # unloaded: its last session ended meanwhile
+            reason = session.end_reason or ENDED_BY_CLIENT
+            raise NotFound(ended_message(session.id, reason))
+        return entry
+
+    def _submit_admitted(self, session: Session, op: StepOp | ManyStepOp, steps: int):
+        """Queues a step if its model's admission lets it in, else raises
         ResourceExhausted before anything is queued."""
-        admission = self.admissions[model]
+        limit = self.config.max_queued_steps
+        admission = self.admissions.setdefault(
+            session.model, Admission(session.model, limit)
+        )
         admission.admit(steps)
         try:
-            future = self._executors[model].submit(op)
+            future = self._submit(session, op)
         except BaseException:
             admission.release(steps)
             raise
@@ -230,8 +284,22 @@ class SequenceCore:
         return future
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
-        model = op.sessions[0].model if isinstance(op, ManyStepOp) else op.session.model
-        return self._executors[model].submit(op).result()
+        session = op.sessions[0] if isinstance(op, ManyStepOp) else op.session
+        return self._submit(session, op).result()
+
+    def _submit(self, session: Session, op) -> Future:
+        _, executor = self._runtime(session)
+        try:
+            return executor.submit(op)
+        except Unavailable:
+            self._runtime(session)  # NotFound if its version was just unloaded
+            raise
+
+    def _release(self, session: Session) -> Future:
+        """Frees the session's state row; the version then counts it gone."""
+        future = self._submit(session, StateOp("release", session))
+        future.add_done_callback(lambda _: self.versions.release(_key(session)))
+        return future
 
     def _reap_idle(self) -> None:
         # A session expires between idle_timeout_s and 1.25 times that after its
@@ -246,10 +314,15 @@ class SequenceCore:
         """Frees the state of a session that nobody waits for (expired, evicted)."""
         self.metrics.session_ended(session.model, reason)
         try:
-            future = self._executors[session.model].submit(StateOp("release", session))
+            future = self._release(session)
         except Unavailable:
             return  # shutting down: the whole store goes with the executor
         future.add_done_callback(_log_failure)
+
+
+def _key(item: Session | ServedModel) -> tuple[str, int]:
+    name = item.model if isinstance(item, Session) else item.name
+    return name, item.version
 
 
 def _states_on_device(config: Config) -> bool:

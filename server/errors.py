@@ -33,5 +33,9 @@ class Unavailable(SeqServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PermissionDenied(SeqServeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ModelRefused(Exception):
     """A model file that cannot be served; the message names the layer and why."""

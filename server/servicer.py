@@ -15,6 +15,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from . import tensors
+from .auth import caller_of, identity_of
 from .core import SequenceCore
 from .errors import SeqServeError
 from .metrics import Metrics
@@ -61,20 +62,26 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def ListModels(self, request, context):
-        models = [model_info(m) for _, m in sorted(self.core.models.items())]
+        models = [model_info(m) for m in self.core.versions.all()]
         return pb.ListModelsResponse(models=models)
 
     @_statuses
     def StartSession(self, request, context):
         state = _state(request, "initial_state")
+        caller = caller_of(context)
         session, model = self.core.start_session(
-            request.model, request.session_id, state
+            request.model,
+            request.session_id,
+            state,
+            request.version,
+            caller.identity,
+            caller.client,
         )
         return pb.StartSessionResponse(session_id=session.id, model=model_info(model))
 
     @_statuses
     def Step(self, request, context):
-        model, future = self._submit(request)
+        model, future = self._submit(request, identity_of(context))
         return _step_reply(model, future.result())
 
     @_statuses
@@ -85,6 +92,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             inputs,
             reset=request.reset,
             return_state=request.return_state,
+            caller=identity_of(context),
         )
         reply = pb.StepManyResponse(
             outputs=[tensors.encode(x) for x in result.outputs],
@@ -101,31 +109,31 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
         pending: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
         threading.Thread(
             target=self._submit_stream,
-            args=(request_iterator, pending, context),
+            args=(request_iterator, pending, context, identity_of(context)),
             name="stream-reader",
             daemon=True,
         ).start()
         while (item := _next(pending, context)) is not _END_OF_STREAM:
             yield _outcome(item, self.metrics)
 
-    def _submit_stream(self, requests, pending: queue.Queue, context) -> None:
+    def _submit_stream(self, requests, pending: queue.Queue, context, caller) -> None:
         try:
             for request in requests:
-                if not _put(pending, self._submit_step(request), context):
+                if not _put(pending, self._submit_step(request, caller), context):
                     return
         except grpc.RpcError:
             pass  # the client went away; nothing waits for the replies
         finally:
             _put(pending, _END_OF_STREAM, context)
 
-    def _submit_step(self, request):
+    def _submit_step(self, request, caller):
         """(model, future) for an accepted step, or the error that refused it."""
         try:
-            return self._submit(request)
+            return self._submit(request, caller)
         except Exception as error:
             return error
 
-    def _submit(self, request):
+    def _submit(self, request, caller):
         """Decodes and submits one StepRequest; raises if it is refused."""
         refuse_unparsed(request)
         return self.core.submit_step(
@@ -134,16 +142,20 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             state=_state(request, "state"),
             reset=request.reset,
             return_state=request.return_state,
+            caller=caller,
         )
 
     @_statuses
     def Reset(self, request, context):
-        self.core.write_state(request.session_id, _state(request, "state"))
+        state = _state(request, "state")
+        self.core.write_state(request.session_id, state, identity_of(context))
         return pb.ResetResponse()
 
     @_statuses
     def GetState(self, request, context):
-        model, values, timesteps = self.core.read_state(request.session_id)
+        model, values, timesteps = self.core.read_state(
+            request.session_id, identity_of(context)
+        )
         return pb.GetStateResponse(
             state=encode_state(model, values), timesteps=timesteps
         )
@@ -151,14 +163,13 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     @_statuses
     def SetState(self, request, context):
         state = _state(request, "state") or []  # absent: refused as missing parts
-        self.core.write_state(request.session_id, state)
+        self.core.write_state(request.session_id, state, identity_of(context))
         return pb.SetStateResponse()
 
     @_statuses
     def EndSession(self, request, context):
-        return pb.EndSessionResponse(
-            timesteps=self.core.end_session(request.session_id)
-        )
+        timesteps = self.core.end_session(request.session_id, identity_of(context))
+        return pb.EndSessionResponse(timesteps=timesteps)
 
 
 def _next(pending: queue.Queue, context):
@@ -253,6 +264,7 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
 
     return pb.ModelInfo(
         name=model.name,
+        version=model.version,
         input=spec(model.input),
         outputs=[spec(o) for o in model.outputs],
         state=[
