@@ -72,14 +72,21 @@ def test_steps_past_the_limit_are_refused_before_they_are_queued():
         core.close()
 
 
-def test_a_step_refused_at_shutdown_gives_its_admission_back():
+def test_a_step_the_executor_refuses_gives_its_admission_back():
     core = SequenceCore({"fake": FakeModel()}, Config(port=0, max_queued_steps=1))
-    session = core.start_session("fake", "a", None)[0].id
-    core.close()
-    for _ in range(2):  # the second would be RESOURCE_EXHAUSTED if one leaked
-        with pytest.raises(Unavailable):
-            core.submit_step(session, chunk(1))
-    assert core.admissions["fake"].queued == 0
+    try:
+        session = core.start_session("fake", "a", None)[0].id
+
+        def shutting_down(session, op):
+            raise Unavailable("the server is shutting down")
+
+        core._submit = shutting_down  # as an executor closing under the call
+        for _ in range(2):  # the second would be RESOURCE_EXHAUSTED if one leaked
+            with pytest.raises(Unavailable):
+                core.submit_step(session, chunk(1))
+        assert core.admissions["fake"].queued == 0
+    finally:
+        core.close()
 
 
 @dataclasses.dataclass
