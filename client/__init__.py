@@ -3,26 +3,33 @@
 from .client import Client, ModelInfo, Session, State, StatePartInfo, TensorInfo
 from .errors import (
     AlreadyExistsError,
+    CancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     SeqServeError,
+    StepOutOfOrderError,
     UnavailableError,
 )
+from .retries import NO_RETRIES, RetryPolicy
 
 __all__ = [
+    "NO_RETRIES",
     "AlreadyExistsError",
+    "CancelledError",
     "Client",
     "DeadlineExceededError",
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "SeqServeError",
     "Session",
     "State",
     "StatePartInfo",
+    "StepOutOfOrderError",
     "TensorInfo",
     "UnavailableError",
 ]

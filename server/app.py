@@ -3,6 +3,7 @@
 import concurrent.futures
 import logging
 import sys
+from pathlib import Path
 
 import grpc
 import threadpoolctl
@@ -13,6 +14,7 @@ from .config import Config
 from .core import SequenceCore
 from .models import load_model_dir
 from .servicer import SequenceServicer
+from .snapshots import Snapshotter, restore_all
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class App:
         if not models:
             raise RuntimeError(f"no model could be loaded from {config.model_dir}")
         self.core = SequenceCore(models, config)
+        self.snapshotter = self._restore_sessions()
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=config.worker_threads, thread_name_prefix="grpc"
@@ -63,12 +66,28 @@ class App:
             self.core.close()
             raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
+        if self.snapshotter is not None:
+            self.snapshotter.start()
         log.info(
             "listening on %s:%d with models %s", config.host, self.port, sorted(models)
         )
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Refuses new calls, lets calls in flight finish, then stops the executors."""
+        """Refuses new calls, lets calls in flight finish, writes the snapshot (with
+        a snapshot directory), then stops the executors."""
         self.server.stop(grace_s).wait()
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+            written = self.snapshotter.write_all()
+            log.info("wrote %d sessions to %s", written, self.snapshotter.directory)
         self.core.close()
         log.info("stopped; %d sessions were live", len(self.core.sessions))
+
+    def _restore_sessions(self) -> Snapshotter | None:
+        """Before the server listens: clients see every restored session or none."""
+        if not self.config.snapshot_dir:
+            return None
+        directory = Path(self.config.snapshot_dir)
+        snapshotter = Snapshotter(self.core, directory, self.config.snapshot_interval_s)
+        restore_all(self.core, directory)
+        return snapshotter

@@ -6,7 +6,9 @@ the state-touching work to the model's executor and waits for it.
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from .executor import (
     StateOp,
     StepOp,
     StepResult,
+    StoreOp,
 )
 from .models import ServedModel
 from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry
@@ -88,8 +91,11 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        **call: Any,
     ) -> tuple[ServedModel, StepResult]:
-        model, future = self.submit_step(session_id, inputs, state, reset, return_state)
+        model, future = self.submit_step(
+            session_id, inputs, state, reset, return_state, **call
+        )
         return model, future.result()
 
     def submit_step(
@@ -99,8 +105,19 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        step_number: int = 0,
+        deadline_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[ServedModel, Future]:
-        """As `step`, without waiting: the future's result is the StepResult."""
+        """As `step`, without waiting: the future's result is the StepResult.
+
+        `step_number` (0: unnumbered), `deadline_s` (time.monotonic()) and
+        `cancelled` are checked where the step applies (sequencing.py).
+        """
+        if step_number < 0:
+            raise InvalidArgument(
+                f"step_number: expected 0 (unnumbered) or more, received {step_number}"
+            )
         session = self.sessions.get(session_id)
         model = self.models[session.model]
         check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
@@ -110,6 +127,7 @@ class SequenceCore:
             )
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
+        op.step_number, op.deadline_s, op.cancelled = step_number, deadline_s, cancelled
         return model, self._executors[model.name].submit(op)
 
     def step_many(
@@ -118,6 +136,8 @@ class SequenceCore:
         inputs: np.ndarray,
         reset: bool = False,
         return_state: bool = False,
+        deadline_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[ServedModel, ManyStepResult]:
         """Steps distinct sessions of one model as one batch; all or nothing."""
         sessions = self._distinct_sessions(session_ids)
@@ -134,7 +154,9 @@ class SequenceCore:
             sessions=len(sessions),
             max_timesteps=self.config.max_timesteps,
         )
-        return model, self._run(ManyStepOp(sessions, inputs, reset, return_state))
+        op = ManyStepOp(sessions, inputs, reset, return_state)
+        op.deadline_s, op.cancelled = deadline_s, cancelled
+        return model, self._run(op)
 
     def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
         """Reset (state None: zeros) or set a session's state."""
@@ -143,10 +165,11 @@ class SequenceCore:
         values = None if state is None else check_state(model, state, "state")
         self._run(StateOp("write", session, values))
 
-    def read_state(self, session_id: str) -> tuple[ServedModel, list[np.ndarray], int]:
+    def read_state(self, session_id: str):
+        """(model, state, timesteps, step number) of a session."""
         session = self.sessions.get(session_id)
-        values, timesteps = self._run(StateOp("read", session))
-        return self.models[session.model], values, timesteps
+        values, timesteps, step_number = self._run(StateOp("read", session))
+        return self.models[session.model], values, timesteps, step_number
 
     def end_session(self, session_id: str) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
@@ -169,6 +192,11 @@ class SequenceCore:
         self._stopping.set()
         for executor in self._executors.values():
             executor.close()
+
+    def run_on_model(self, model: str, apply, sessions=()):
+        """Runs `apply(store)` on the model's executor thread, in order with the
+        other operations of `sessions`; returns its result."""
+        return self._executors[model].submit(StoreOp(apply, list(sessions))).result()
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
         model = op.sessions[0].model if isinstance(op, ManyStepOp) else op.session.model

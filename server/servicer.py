@@ -8,15 +8,16 @@ import functools
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from . import tensors
+from . import snapshots, tensors
 from .core import SequenceCore
-from .errors import SeqServeError
+from .errors import SeqServeError, StepOutOfOrder
 from .models import ServedModel
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ def _statuses(method):
         try:
             return method(self, request, context)
         except SeqServeError as error:
+            if error.trailing_metadata:
+                context.set_trailing_metadata(error.trailing_metadata)
             context.abort(error.code, str(error))
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
@@ -61,7 +64,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def Step(self, request, context):
-        model, future = self._submit(request)
+        model, future = self._submit(request, context)
         return _step_reply(model, future.result())
 
     @_statuses
@@ -72,10 +75,12 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             inputs,
             reset=request.reset,
             return_state=request.return_state,
+            **_call_limits(context),
         )
         reply = pb.StepManyResponse(
             outputs=[tensors.encode(x) for x in result.outputs],
             timesteps=result.timesteps,
+            step_numbers=result.step_numbers,
         )
         if result.state is not None:
             reply.state.CopyFrom(encode_state(model, result.state))
@@ -98,21 +103,21 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     def _submit_stream(self, requests, pending: queue.Queue, context) -> None:
         try:
             for request in requests:
-                if not _put(pending, self._submit_step(request), context):
+                if not _put(pending, self._submit_step(request, context), context):
                     return
         except grpc.RpcError:
             pass  # the client went away; nothing waits for the replies
         finally:
             _put(pending, _END_OF_STREAM, context)
 
-    def _submit_step(self, request):
+    def _submit_step(self, request, context):
         """(model, future) for an accepted step, or the error that refused it."""
         try:
-            return self._submit(request)
+            return self._submit(request, context)
         except Exception as error:
             return error
 
-    def _submit(self, request):
+    def _submit(self, request, context):
         """Decodes and submits one StepRequest; raises if it is refused."""
         return self.core.submit_step(
             request.session_id,
@@ -120,6 +125,8 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             state=_state(request, "state"),
             reset=request.reset,
             return_state=request.return_state,
+            step_number=request.step_number,
+            **_call_limits(context),
         )
 
     @_statuses
@@ -129,9 +136,11 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def GetState(self, request, context):
-        model, values, timesteps = self.core.read_state(request.session_id)
+        model, values, timesteps, step_number = self.core.read_state(request.session_id)
         return pb.GetStateResponse(
-            state=encode_state(model, values), timesteps=timesteps
+            state=encode_state(model, values),
+            timesteps=timesteps,
+            step_number=step_number,
         )
 
     @_statuses
@@ -145,6 +154,29 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
         return pb.EndSessionResponse(
             timesteps=self.core.end_session(request.session_id)
         )
+
+    @_statuses
+    def ExportSession(self, request, context):
+        data = snapshots.export_session(self.core, request.session_id)
+        return pb.ExportSessionResponse(session=data)
+
+    @_statuses
+    def ImportSession(self, request, context):
+        session, model = snapshots.import_session(self.core, request.session)
+        return pb.ImportSessionResponse(
+            session_id=session.id,
+            model=model_info(model),
+            step_number=session.step_number,
+            timesteps=session.timesteps,
+        )
+
+
+def _call_limits(context) -> dict:
+    """The call's deadline (as time.monotonic()) and whether it is over, for
+    the executor to skip a step nobody waits for any more."""
+    remaining_s = context.time_remaining()
+    deadline_s = None if remaining_s is None else time.monotonic() + remaining_s
+    return {"deadline_s": deadline_s, "cancelled": lambda: not context.is_active()}
 
 
 def _next(pending: queue.Queue, context):
@@ -175,6 +207,10 @@ def _outcome(item) -> pb.StepOutcome:
             raise item
         model, future = item
         return pb.StepOutcome(response=_step_reply(model, future.result()))
+    except StepOutOfOrder as error:
+        outcome = pb.StepOutcome(error=_error(error.code, str(error)))
+        outcome.error.expected_step_number = error.expected
+        return outcome
     except SeqServeError as error:
         return pb.StepOutcome(error=_error(error.code, str(error)))
     except Exception:
@@ -191,6 +227,7 @@ def _step_reply(model: ServedModel, result) -> pb.StepResponse:
     reply = pb.StepResponse(
         outputs=[tensors.encode(x) for x in result.outputs],
         timesteps=result.timesteps,
+        step_number=result.step_number,
     )
     if result.state is not None:
         reply.state.CopyFrom(encode_state(model, result.state))

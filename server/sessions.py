@@ -35,6 +35,10 @@ class Session:
     started: bool = False
     released: bool = False  # set by the executor once the slot is freed
     end_reason: str = ""  # for calls already in flight when it ended
+    # Steps applied since start, numbered or not; only its executor changes it.
+    step_number: int = 0
+    # The reply of the last step if it was numbered, returned again on a repeat.
+    last_reply: object = None
 
 
 class SessionRegistry:
@@ -99,6 +103,11 @@ class SessionRegistry:
                     self._refuse_item(index, session_ids[index])
                 session.last_used_s = now
             return sessions
+
+    def started(self, model: str) -> list[Session]:
+        """The live, started sessions of one model, at this moment."""
+        with self._lock:
+            return [s for s in self._live.values() if s.model == model and s.started]
 
     def _refuse_item(self, index: int, session_id: str) -> NoReturn:
         try:

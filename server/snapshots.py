@@ -1,0 +1,239 @@
+"""Durable sessions: snapshot files, their restore at start, export and import.
+
+Each model's sessions are read in one operation on its executor, so a snapshot
+holds no half-applied step; the file is then written beside the old one,
+flushed, fsynced and renamed over it, and the directory fsynced, so a crash
+leaves the old snapshot or the new one, never a mix. A file that is corrupt,
+truncated, or taken of another model is refused with one log line, moved
+aside, and the server starts without its sessions.
+"""
+
+import functools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgument, NotFound, SeqServeError
+from .models import ServedModel
+from .sessions import Session
+from .snapshot_format import (
+    SessionRecord,
+    SnapshotRefused,
+    check_layout,
+    decode,
+    encode,
+    layout,
+)
+from .validation import check_state
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".snapshot"
+
+
+def export_session(core, session_id: str) -> bytes:
+    session = core.sessions.get(session_id)
+    model = core.models[session.model]
+    records = core.run_on_model(model.name, functools.partial(_read, [session]))
+    if not records:
+        raise NotFound(f"session {session_id!r} ended while it was being exported")
+    return encode(layout(model), records)
+
+
+def import_session(core, data: bytes) -> tuple[Session, ServedModel]:
+    """Creates the session the bytes describe; nothing changes if it is refused."""
+    try:
+        found, records = decode(data)
+    except SnapshotRefused as error:
+        raise InvalidArgument(f"session: {error}") from None
+    if len(records) != 1:
+        raise InvalidArgument(
+            f"session: expected one exported session, received {len(records)}"
+        )
+    model = core.model(str(found.get("model", "")))
+    try:
+        check_layout(found, model)
+    except SnapshotRefused as error:
+        raise InvalidArgument(f"session: {error}") from None
+    return adopt(core, model, records[0]), model
+
+
+def adopt(core, model: ServedModel, record: SessionRecord) -> Session:
+    """Makes `record` a live session of `model` (its layout already checked)."""
+    parts = [(p.layer, p.part, v) for p, v in zip(model.state_parts, record.state)]
+    check_state(model, parts, "session state")
+    session = core.sessions.add(model.name, record.id)
+    session.version = record.version
+    session.created_s = _monotonic(record.created_wall_s)
+    session.last_used_s = _monotonic(record.last_used_wall_s)
+    install = functools.partial(_install, session, record)
+    try:
+        core.run_on_model(model.name, install, [session])
+    except BaseException:
+        core.sessions.discard(session)
+        raise
+    core.sessions.activate(session)
+    return session
+
+
+def _read(sessions: list[Session], store) -> list[SessionRecord]:
+    """On the executor thread: the records of the sessions still live."""
+    live = [s for s in sessions if not s.released]
+    if not live:
+        return []
+    slots = np.fromiter((s.slot for s in live), np.intp, len(live))
+    states, has_output = store.gather(slots)
+    states = [np.asarray(part) for part in states]
+    flags = np.stack([np.asarray(h) for h in has_output], axis=1)
+    return [
+        SessionRecord(
+            id=s.id,
+            version=s.version,
+            step_number=s.step_number,
+            timesteps=s.timesteps,
+            created_wall_s=_wall(s.created_s),
+            last_used_wall_s=_wall(s.last_used_s),
+            state=[part[row] for part in states],
+            has_output=flags[row].tolist(),
+            last_reply=s.last_reply,
+        )
+        for row, s in enumerate(live)
+    ]
+
+
+def _install(session: Session, record: SessionRecord, store) -> None:
+    """On the executor thread: gives the session a row holding the record."""
+    session.slot = store.allocate()
+    slots = np.array([session.slot], np.intp)
+    states = [np.asarray(part, np.float32)[None] for part in record.state]
+    flags = [np.array([flag]) for flag in record.has_output]
+    store.scatter(slots, states, flags)
+    session.timesteps = record.timesteps
+    session.step_number = record.step_number
+    session.last_reply = record.last_reply
+
+
+def _wall(monotonic_s: float) -> float:
+    return time.time() - (time.monotonic() - monotonic_s)
+
+
+def _monotonic(wall_s: float) -> float:
+    return time.monotonic() - (time.time() - wall_s)
+
+
+class Snapshotter:
+    """Writes every model's sessions to `directory`: every `interval_s` seconds
+    (0: only when `write_all` is called) and on `write_all`. Thread-safe."""
+
+    def __init__(self, core, directory: Path, interval_s: float):
+        self.core = core
+        self.directory = directory
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = None
+        directory.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.glob(f".*{SUFFIX}.tmp"):
+            leftover.unlink()  # a write that a crash interrupted
+
+    def start(self) -> None:
+        if self.interval_s > 0:
+            self._thread = threading.Thread(
+                target=self._loop, name="snapshotter", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stops the periodic writes (a final `write_all` is the caller's)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def write_all(self) -> int:
+        """Writes one snapshot per model; returns the sessions written."""
+        written = 0
+        with self._lock:
+            for name in sorted(self.core.models):
+                try:
+                    written += self._write(name)
+                except (OSError, SeqServeError):
+                    log.exception(
+                        "snapshot of model %r failed; the last one stays", name
+                    )
+        return written
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            started = time.monotonic()
+            written = self.write_all()
+            log.debug(
+                "snapshot of %d sessions took %.1f ms",
+                written,
+                1000 * (time.monotonic() - started),
+            )
+
+    def _write(self, name: str) -> int:
+        model = self.core.models[name]
+        sessions = self.core.sessions.started(name)
+        records = self.core.run_on_model(name, functools.partial(_read, sessions))
+        write_atomically(
+            self.directory / f"{name}{SUFFIX}", encode(layout(model), records)
+        )
+        return len(records)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def restore_all(core, directory: Path) -> int:
+    """Restores every snapshot file in `directory`; returns the sessions restored."""
+    restored = 0
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        try:
+            restored += _restore(core, path)
+        except SnapshotRefused as error:
+            aside = path.with_name(f"{path.name}.refused-{int(time.time())}")
+            path.replace(aside)
+            log.error(
+                "snapshot %s refused: %s; starting without its sessions (file kept "
+                "as %s)",
+                path,
+                error,
+                aside.name,
+            )
+    return restored
+
+
+def _restore(core, path: Path) -> int:
+    try:
+        found, records = decode(path.read_bytes())
+    except OSError as error:
+        raise SnapshotRefused(f"unreadable ({error.strerror})") from None
+    model = core.models.get(path.name.removesuffix(SUFFIX))
+    if model is None:
+        raise SnapshotRefused(f"no model {path.stem!r} is loaded")
+    check_layout(found, model)
+    restored = 0
+    for record in records:
+        try:
+            adopt(core, model, record)
+            restored += 1
+        except SeqServeError as error:
+            log.warning("session %r not restored from %s: %s", record.id, path, error)
+    log.info("restored %d sessions of model %r from %s", restored, model.name, path)
+    return restored
