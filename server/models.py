@@ -84,7 +84,7 @@ class ServedModel:
         """SHA-256 over the weights: tells a retrained model from the same one."""
         digest = hashlib.sha256()
         for weight in self._model.weights:
-            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            value = np.ascontiguousarray(weight.numpy())
             digest.update(f"{weight.path}:{value.dtype}:{value.shape};".encode())
             digest.update(value.tobytes())
         return digest.hexdigest()

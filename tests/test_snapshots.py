@@ -1,0 +1,215 @@
+"""Snapshots, restore at start, and export/import of one session, in process.
+
+Crash and SIGTERM against real server processes are in test_durability.py.
+"""
+
+import logging
+
+import grpc
+import numpy as np
+import pytest
+
+from seqserve.client import AlreadyExistsError, Client, InvalidArgumentError
+from seqserve.client.tensors import to_numpy
+from seqserve.server.executor import StepResult
+from seqserve.server.snapshot_format import (
+    SessionRecord,
+    SnapshotRefused,
+    decode,
+    encode,
+)
+from seqserve.v1 import seqserve_pb2 as pb
+
+from conftest import running_server
+from rpc_helpers import status_of, stub_for, tensor
+from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
+
+LAYOUT = {
+    "model": "m",
+    "state": [["r", "LSTM", "h", 3], ["r", "LSTM", "c", 3]],
+    "recurrent_layers": 1,
+}
+
+
+def record(index: int, reply: bool) -> SessionRecord:
+    rng = np.random.default_rng(index)
+    return SessionRecord(
+        id=f"s{index}",
+        version=1,
+        step_number=index + 2,
+        timesteps=7 * index,
+        created_wall_s=1.7e9 + index,
+        last_used_wall_s=1.7e9 + 2 * index,
+        state=[rng.standard_normal(3).astype("f4") for _ in range(2)],
+        has_output=[bool(index % 2)],
+        last_reply=StepResult([rng.standard_normal((2, 4)).astype("f4")], None, 7, 3)
+        if reply
+        else None,
+    )
+
+
+def test_a_snapshot_reads_back_as_written():
+    records = [record(i, reply=i != 1) for i in range(3)]
+    found, decoded = decode(encode(LAYOUT, records))
+
+    assert found == LAYOUT
+    for ours, theirs in zip(records, decoded):
+        np.testing.assert_array_equal(theirs.state, ours.state)
+        assert (theirs.id, theirs.step_number, theirs.has_output) == (
+            ours.id,
+            ours.step_number,
+            ours.has_output,
+        )
+        assert theirs.last_used_wall_s == ours.last_used_wall_s
+        if ours.last_reply is None:
+            assert theirs.last_reply is None
+        else:
+            np.testing.assert_array_equal(
+                theirs.last_reply.outputs, ours.last_reply.outputs
+            )
+
+
+def test_truncated_or_damaged_bytes_are_refused():
+    data = encode(LAYOUT, [record(i, reply=True) for i in range(3)])
+    rng = np.random.default_rng(0)
+    for cut in [0, 8, 41, *rng.integers(1, len(data), 60), len(data) - 1]:
+        with pytest.raises(SnapshotRefused):
+            decode(data[:cut])
+    for index in rng.integers(0, len(data), 30):
+        damaged = bytearray(data)
+        damaged[index] ^= 0x40
+        with pytest.raises(SnapshotRefused):
+            decode(bytes(damaged))
+
+
+@pytest.fixture(scope="module")
+def keras_lstm():
+    return lstm_model()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, keras_lstm):
+    return save_models(tmp_path_factory.mktemp("snap-models"), {"lstm": keras_lstm})
+
+
+@pytest.fixture(scope="module")
+def retrained_dir(tmp_path_factory):
+    """The same name and layout with other weights: a model that changed."""
+    return save_models(tmp_path_factory.mktemp("retrained"), {"lstm": lstm_model(9)})
+
+
+def client_of(app) -> Client:
+    return Client(f"127.0.0.1:{app.port}")
+
+
+def assert_matches_offline(keras_model, sequence, streamed, state):
+    np.testing.assert_allclose(
+        np.concatenate(streamed), offline_outputs(keras_model, sequence), atol=1e-5
+    )
+    h, c = offline_state(keras_model, "lstm", sequence)
+    np.testing.assert_allclose(state["lstm"]["h"], h, atol=1e-5)
+    np.testing.assert_allclose(state["lstm"]["c"], c, atol=1e-5)
+
+
+def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path):
+    sequence = frames(np.random.default_rng(1), 12)
+    chunks = np.split(sequence, 4)
+    with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+        with client_of(app) as client:
+            session = client.start_session("lstm", session_id="kept")
+            streamed = [session.step(c) for c in chunks[:2]]
+            ended = client.start_session("lstm")
+            ended.close()
+    assert (tmp_path / "lstm.snapshot").exists()
+
+    with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+        with client_of(app) as client, stub_for(app) as stub:
+            # The last numbered step's reply survived: a repeat returns it.
+            repeat = stub.Step(
+                pb.StepRequest(
+                    session_id="kept", inputs=tensor(chunks[1]), step_number=2
+                )
+            )
+            session = client.attach("kept", "lstm")
+            streamed += [session.step(c) for c in chunks[2:]]
+            state = session.get_state()
+            gone = status_of(stub.GetState, pb.GetStateRequest(session_id=ended.id))
+
+    assert gone == grpc.StatusCode.NOT_FOUND  # an ended session stays ended
+    np.testing.assert_array_equal(to_numpy(repeat.outputs[0]), streamed[1])
+    assert session.step_number == 4
+    assert_matches_offline(keras_lstm, sequence, streamed, state)
+
+
+def test_a_truncated_snapshot_is_refused_and_the_server_starts(
+    model_dir, tmp_path, caplog
+):
+    with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+        with client_of(app) as client:
+            for _ in range(3):
+                client.start_session("lstm").step(np.ones((2, 3), np.float32))
+    whole = (tmp_path / "lstm.snapshot").read_bytes()
+    rng = np.random.default_rng(2)
+    for cut in rng.integers(1, len(whole), 4):
+        (tmp_path / "lstm.snapshot").write_bytes(whole[:cut])
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="seqserve.server.snapshots"):
+            with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+                assert len(app.core.sessions) == 0
+                with client_of(app) as client:
+                    assert client.list_models()[0].name == "lstm"
+        refusals = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(refusals) == 1
+        assert list(tmp_path.glob("lstm.snapshot.refused-*"))
+
+
+def test_a_snapshot_of_a_changed_model_is_refused(
+    model_dir, retrained_dir, tmp_path, caplog
+):
+    with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+        with client_of(app) as client:
+            client.start_session("lstm", session_id="old")
+    with caplog.at_level(logging.ERROR, logger="seqserve.server.snapshots"):
+        with running_server(retrained_dir, snapshot_dir=str(tmp_path)) as app:
+            assert len(app.core.sessions) == 0
+    assert [r.levelno for r in caplog.records if r.levelno >= logging.ERROR] == [
+        logging.ERROR
+    ]
+
+
+def test_an_exported_session_continues_exactly_on_another_server(
+    model_dir, retrained_dir, keras_lstm
+):
+    sequence = frames(np.random.default_rng(3), 15)
+    chunks = np.split(sequence, 5)
+    with (
+        running_server(model_dir) as first,
+        running_server(model_dir) as second,
+        running_server(retrained_dir) as changed,
+        client_of(first) as one,
+        client_of(second) as two,
+        client_of(changed) as other,
+    ):
+        session = one.start_session("lstm")
+        streamed = [session.step(c) for c in chunks[:3]]
+        exported = one.export_session(session)
+        with pytest.raises(AlreadyExistsError):
+            one.import_session(exported)
+        with pytest.raises(InvalidArgumentError):
+            other.import_session(exported)  # other weights under the same name
+        with pytest.raises(InvalidArgumentError):
+            two.import_session(exported[:-5])
+        moved = two.import_session(exported)
+        assert (moved.id, moved.step_number, moved.timesteps) == (session.id, 3, 9)
+        streamed += [moved.step(c) for c in chunks[3:]]
+        state = moved.get_state()
+
+    assert_matches_offline(keras_lstm, sequence, streamed, state)
+
+
+def test_import_refuses_garbage_with_invalid_argument(model_dir):
+    with running_server(model_dir) as app, stub_for(app) as stub:
+        for garbage in (b"", b"SEQSNAP\x00" + bytes(40), np.ones(99).tobytes()):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ImportSession(pb.ImportSessionRequest(session=garbage), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
