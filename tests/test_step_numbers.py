@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from seqserve.client import Client, RetryPolicy, StepOutOfOrderError
+from seqserve.client import Client, StepOutOfOrderError
 from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
 from seqserve.server.errors import (
@@ -25,6 +25,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from conftest import running_server
 from fake_model import FakeModel, chunk, reference
+from lossy_channel import dropping_client
 from rpc_helpers import outputs, refusal, stub_for, tensor
 from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
 
@@ -165,47 +166,6 @@ def test_a_numbered_stream_refuses_a_gap_in_its_outcome(app):
     assert outcomes[2].error.code == grpc.StatusCode.ABORTED.value[0]
     assert outcomes[2].error.expected_step_number == 2
     assert outcomes[3].response.step_number == 2
-
-
-class LostReply(grpc.RpcError):
-    def code(self):
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self):
-        return "the test dropped the reply"
-
-    def trailing_metadata(self):
-        return ()
-
-
-class ReplyDropper(grpc.UnaryUnaryClientInterceptor):
-    """Lets every `every`-th Step reach the server, then loses its reply."""
-
-    def __init__(self, every: int):
-        self.every, self.calls, self.dropped = every, 0, 0
-        self._lock = threading.Lock()
-
-    def intercept_unary_unary(self, continuation, details, request):
-        call = continuation(details, request)
-        if not details.method.endswith("/Step"):
-            return call
-        with self._lock:
-            self.calls += 1
-            drop = self.calls % self.every == 0
-            self.dropped += drop
-        if drop:
-            call.result()  # the server applied it; the client never hears
-            raise LostReply()
-        return call
-
-
-def dropping_client(app, every: int) -> tuple[Client, ReplyDropper]:
-    dropper = ReplyDropper(every)
-    channel = grpc.intercept_channel(
-        grpc.insecure_channel(f"127.0.0.1:{app.port}"), dropper
-    )
-    retry = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01)
-    return Client("unused", channel=channel, retry=retry), dropper
 
 
 def test_steps_whose_replies_are_lost_are_retried_and_apply_once(app, keras_lstm):
