@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from . import snapshots
 from .config import Config
 from .device_state import tensorflow_sees_a_gpu
 from .errors import InvalidArgument, NotFound, Unavailable
@@ -176,6 +177,14 @@ class SequenceCore:
         session = self.sessions.remove(session_id, ENDED_BY_CLIENT)
         log.debug("session %s ended", session.id)
         return self._run(StateOp("release", session))
+
+    def export_session(self, session_id: str) -> bytes:
+        """The session in the snapshot format; it stays live."""
+        return snapshots.export_session(self, session_id)
+
+    def import_session(self, data: bytes) -> tuple[Session, ServedModel]:
+        """Creates an exported session under its own id; all or nothing."""
+        return snapshots.import_session(self, data)
 
     def _distinct_sessions(self, session_ids: list[str]) -> list[Session]:
         if not session_ids:

@@ -15,7 +15,7 @@ import grpc
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from . import snapshots, tensors
+from . import tensors
 from .core import SequenceCore
 from .errors import SeqServeError, StepOutOfOrder
 from .models import ServedModel
@@ -157,12 +157,12 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def ExportSession(self, request, context):
-        data = snapshots.export_session(self.core, request.session_id)
+        data = self.core.export_session(request.session_id)
         return pb.ExportSessionResponse(session=data)
 
     @_statuses
     def ImportSession(self, request, context):
-        session, model = snapshots.import_session(self.core, request.session)
+        session, model = self.core.import_session(request.session)
         return pb.ImportSessionResponse(
             session_id=session.id,
             model=model_info(model),

@@ -66,6 +66,7 @@ def adopt(core, model: ServedModel, record: SessionRecord) -> Session:
     """Makes `record` a live session of `model` (its layout already checked)."""
     parts = [(p.layer, p.part, v) for p, v in zip(model.state_parts, record.state)]
     check_state(model, parts, "session state")
+    _check_reply(model, record.last_reply)
     session = core.sessions.add(model.name, record.id)
     session.version = record.version
     session.created_s = _monotonic(record.created_wall_s)
@@ -78,6 +79,23 @@ def adopt(core, model: ServedModel, record: SessionRecord) -> Session:
         raise
     core.sessions.activate(session)
     return session
+
+
+def _check_reply(model: ServedModel, reply) -> None:
+    """A kept reply is sent again as it is: it must be one this model gives."""
+    if reply is None:
+        return
+    state = reply.state or []
+    if (
+        len(reply.outputs) != len(model.outputs)
+        or any(x.dtype.kind not in "fi" for x in reply.outputs)
+        or (reply.state is not None and len(state) != len(model.state_parts))
+        or any(x.dtype != np.float32 for x in state)
+    ):
+        raise InvalidArgument(
+            f"session last reply: expected {len(model.outputs)} numeric outputs "
+            f"and, if any, {len(model.state_parts)} float32 state parts"
+        )
 
 
 def _read(sessions: list[Session], store) -> list[SessionRecord]:

@@ -50,7 +50,7 @@ class ServerProcess:
 
     def _wait_until_serving(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+        with fast_reconnect_channel(self.port) as channel:
             stub = pb_grpc.SequenceServiceStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:

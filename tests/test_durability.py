@@ -19,7 +19,7 @@ from server_process import ServerProcess, fast_reconnect_channel, free_port
 from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
 
 SESSIONS = 16
-CHUNKS = 80
+CHUNKS = 160
 PAUSE_S = 0.01
 # Retries carry the sessions through the restart (a process start takes seconds).
 THROUGH_RESTARTS = RetryPolicy(
