@@ -4,8 +4,9 @@
     body = header length (4, little-endian) | header (JSON) | arrays
 
 The header names the format version, the model's layout (name, version, state
-parts, input and outputs, a digest of its weights) and every session's fields;
-arrays are raw little-endian bytes that the header locates. Nothing is
+parts, input and outputs, a digest of its weights) and the session ids; the
+sessions' numbers, states and kept replies are raw little-endian arrays that
+the header locates. Nothing is
 unpickled: bytes from a client (ImportSession) are as safe to read as our own.
 """
 
@@ -30,8 +31,36 @@ class SnapshotRefused(ValueError):
     """Bytes that are not a snapshot we can load; the message says why."""
 
 
+# Per-session numbers, stored as one array each.
+COLUMNS = {
+    "versions": np.int64,
+    "step_numbers": np.int64,
+    "timesteps": np.int64,
+    "created_wall_s": np.float64,
+    "last_used_wall_s": np.float64,
+}
+
+
+@dataclasses.dataclass
+class Capture:
+    """The sessions of one model in columns (row i is ids[i]), as read in one
+    operation on its executor: cheap to take for many sessions."""
+
+    ids: list[str]
+    versions: list[int]
+    step_numbers: list[int]
+    timesteps: list[int]
+    created_wall_s: np.ndarray
+    last_used_wall_s: np.ndarray
+    states: list[np.ndarray]  # per state part, [sessions, units] float32
+    has_output: np.ndarray  # [sessions, recurrent layers] bool
+    replies: dict[int, StepResult]  # row: the kept reply of its last step
+
+
 @dataclasses.dataclass
 class SessionRecord:
+    """One session, as read back."""
+
     id: str
     version: int
     step_number: int
@@ -66,26 +95,24 @@ def check_layout(found: dict, model: ServedModel) -> None:
             )
 
 
-def encode(model_layout: dict, records: list[SessionRecord]) -> bytes:
+def encode(model_layout: dict, capture: Capture) -> bytes:
     arrays: list[np.ndarray] = []
 
     def put(array) -> int:
         arrays.append(np.ascontiguousarray(array))
         return len(arrays) - 1
 
-    units = [part[3] for part in model_layout["state"]]
-    states = [
-        put(np.array([r.state[i] for r in records], np.float32).reshape(-1, n))
-        for i, n in enumerate(units)
-    ]
-    flags = np.array([r.has_output for r in records], bool)
-    flags = flags.reshape(len(records), model_layout["recurrent_layers"])
     header = {
         "format": FORMAT_VERSION,
         "layout": model_layout,
-        "sessions": [_session_header(r, put) for r in records],
-        "states": states,
-        "has_output": put(flags),
+        "ids": capture.ids,
+        "columns": {
+            name: put(np.asarray(getattr(capture, name), dtype))
+            for name, dtype in COLUMNS.items()
+        },
+        "states": [put(part) for part in capture.states],
+        "has_output": put(capture.has_output),
+        "replies": [[row, _reply_header(r, put)] for row, r in capture.replies.items()],
     }
     return _pack(header, arrays)
 
@@ -101,23 +128,12 @@ def decode(data: bytes) -> tuple[dict, list[SessionRecord]]:
         raise SnapshotRefused(f"malformed contents ({type(error).__name__})") from None
 
 
-def _session_header(record: SessionRecord, put) -> dict:
-    reply = record.last_reply
+def _reply_header(reply: StepResult, put) -> dict:
     return {
-        "id": record.id,
-        "version": record.version,
-        "step_number": record.step_number,
-        "timesteps": record.timesteps,
-        "created_wall_s": record.created_wall_s,
-        "last_used_wall_s": record.last_used_wall_s,
-        "reply": None
-        if reply is None
-        else {
-            "outputs": [put(x) for x in reply.outputs],
-            "state": None if reply.state is None else [put(x) for x in reply.state],
-            "timesteps": reply.timesteps,
-            "step_number": reply.step_number,
-        },
+        "outputs": [put(x) for x in reply.outputs],
+        "state": None if reply.state is None else [put(x) for x in reply.state],
+        "timesteps": reply.timesteps,
+        "step_number": reply.step_number,
     }
 
 
@@ -160,22 +176,25 @@ def _parse(body: memoryview) -> tuple[dict, list[SessionRecord]]:
             f"format: expected version {FORMAT_VERSION}, received {header['format']!r}"
         )
     arrays = _arrays(header["arrays"], body[4 + length :])
+    found = header["layout"]
+    ids = [str(i) for i in header["ids"]]
+    columns = {name: arrays[i].tolist() for name, i in header["columns"].items()}
     states = [
-        _states_part(arrays[i], part)
-        for i, part in zip(header["states"], header["layout"]["state"], strict=True)
+        _states_part(arrays[i], part, len(ids))
+        for i, part in zip(header["states"], found["state"], strict=True)
     ]
     flags = arrays[header["has_output"]]
-    sessions = header["sessions"]
-    if flags.dtype != bool or flags.shape != (
-        len(sessions),
-        header["layout"]["recurrent_layers"],
-    ):
+    if flags.dtype != bool or flags.shape != (len(ids), found["recurrent_layers"]):
         raise SnapshotRefused(f"has_output: unexpected shape {flags.shape}")
+    replies = {int(row): _reply(r, arrays) for row, r in header["replies"]}
     records = [
-        _record(s, [part[row] for part in states], flags[row].tolist(), arrays)
-        for row, s in enumerate(sessions)
+        _record(ids[row], {k: v[row] for k, v in columns.items()}, replies.get(row))
+        for row in range(len(ids))
     ]
-    return header["layout"], records
+    for row, record in enumerate(records):
+        record.state = [part[row] for part in states]
+        record.has_output = flags[row].tolist()
+    return found, records
 
 
 def _arrays(table: list, blob: memoryview) -> list[np.ndarray]:
@@ -191,35 +210,36 @@ def _arrays(table: list, blob: memoryview) -> list[np.ndarray]:
     return arrays
 
 
-def _states_part(array: np.ndarray, part: list) -> np.ndarray:
-    if array.dtype != np.float32 or array.ndim != 2 or array.shape[1] != part[3]:
+def _states_part(array: np.ndarray, part: list, sessions: int) -> np.ndarray:
+    if array.dtype != np.float32 or array.shape != (sessions, part[3]):
         raise SnapshotRefused(
-            f"state {part[0]}.{part[2]}: expected float32 [sessions, {part[3]}], "
+            f"state {part[0]}.{part[2]}: expected float32 [{sessions}, {part[3]}], "
             f"received {array.dtype} {list(array.shape)}"
         )
     return array
 
 
-def _record(session: dict, state, has_output, arrays) -> SessionRecord:
-    reply = session["reply"]
-    if reply is not None:
-        state_ids = reply["state"]
-        reply = StepResult(
-            outputs=[arrays[i] for i in reply["outputs"]],
-            state=None if state_ids is None else [arrays[i] for i in state_ids],
-            timesteps=int(reply["timesteps"]),
-            step_number=int(reply["step_number"]),
-        )
-    if min(session["step_number"], session["timesteps"]) < 0:
+def _reply(reply: dict, arrays) -> StepResult:
+    state_ids = reply["state"]
+    return StepResult(
+        outputs=[arrays[i] for i in reply["outputs"]],
+        state=None if state_ids is None else [arrays[i] for i in state_ids],
+        timesteps=int(reply["timesteps"]),
+        step_number=int(reply["step_number"]),
+    )
+
+
+def _record(session_id: str, values: dict, reply) -> SessionRecord:
+    if min(values["step_numbers"], values["timesteps"]) < 0:
         raise SnapshotRefused("step_number and timesteps: expected 0 or more")
     return SessionRecord(
-        id=str(session["id"]),
-        version=int(session["version"]),
-        step_number=int(session["step_number"]),
-        timesteps=int(session["timesteps"]),
-        created_wall_s=float(session["created_wall_s"]),
-        last_used_wall_s=float(session["last_used_wall_s"]),
-        state=state,
-        has_output=[bool(x) for x in has_output],
+        id=session_id,
+        version=int(values["versions"]),
+        step_number=int(values["step_numbers"]),
+        timesteps=int(values["timesteps"]),
+        created_wall_s=float(values["created_wall_s"]),
+        last_used_wall_s=float(values["last_used_wall_s"]),
+        state=[],
+        has_output=[],
         last_reply=reply,
     )

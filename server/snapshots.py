@@ -21,6 +21,7 @@ from .errors import InvalidArgument, NotFound, SeqServeError
 from .models import ServedModel
 from .sessions import Session
 from .snapshot_format import (
+    Capture,
     SessionRecord,
     SnapshotRefused,
     check_layout,
@@ -38,10 +39,10 @@ SUFFIX = ".snapshot"
 def export_session(core, session_id: str) -> bytes:
     session = core.sessions.get(session_id)
     model = core.models[session.model]
-    records = core.run_on_model(model.name, functools.partial(_read, [session]))
-    if not records:
+    capture = core.run_on_model(model.name, functools.partial(_read, [session]))
+    if not capture.ids:
         raise NotFound(f"session {session_id!r} ended while it was being exported")
-    return encode(layout(model), records)
+    return encode(layout(model), capture)
 
 
 def import_session(core, data: bytes) -> tuple[Session, ServedModel]:
@@ -98,29 +99,25 @@ def _check_reply(model: ServedModel, reply) -> None:
         )
 
 
-def _read(sessions: list[Session], store) -> list[SessionRecord]:
-    """On the executor thread: the records of the sessions still live."""
+def _read(sessions: list[Session], store) -> Capture:
+    """On the executor thread: the sessions still live, in columns."""
     live = [s for s in sessions if not s.released]
-    if not live:
-        return []
     slots = np.fromiter((s.slot for s in live), np.intp, len(live))
     states, has_output = store.gather(slots)
-    states = [np.asarray(part) for part in states]
-    flags = np.stack([np.asarray(h) for h in has_output], axis=1)
-    return [
-        SessionRecord(
-            id=s.id,
-            version=s.version,
-            step_number=s.step_number,
-            timesteps=s.timesteps,
-            created_wall_s=_wall(s.created_s),
-            last_used_wall_s=_wall(s.last_used_s),
-            state=[part[row] for part in states],
-            has_output=flags[row].tolist(),
-            last_reply=s.last_reply,
-        )
-        for row, s in enumerate(live)
-    ]
+    to_wall_s = time.time() - time.monotonic()
+    return Capture(
+        ids=[s.id for s in live],
+        versions=[s.version for s in live],
+        step_numbers=[s.step_number for s in live],
+        timesteps=[s.timesteps for s in live],
+        created_wall_s=np.array([s.created_s for s in live]) + to_wall_s,
+        last_used_wall_s=np.array([s.last_used_s for s in live]) + to_wall_s,
+        states=[np.asarray(part) for part in states],
+        has_output=np.stack([np.asarray(h) for h in has_output], axis=1),
+        replies={
+            row: s.last_reply for row, s in enumerate(live) if s.last_reply is not None
+        },
+    )
 
 
 def _install(session: Session, record: SessionRecord, store) -> None:
@@ -133,10 +130,6 @@ def _install(session: Session, record: SessionRecord, store) -> None:
     session.timesteps = record.timesteps
     session.step_number = record.step_number
     session.last_reply = record.last_reply
-
-
-def _wall(monotonic_s: float) -> float:
-    return time.time() - (time.monotonic() - monotonic_s)
 
 
 def _monotonic(wall_s: float) -> float:
@@ -178,7 +171,7 @@ class Snapshotter:
             for name in sorted(self.core.models):
                 try:
                     written += self._write(name)
-                except (OSError, SeqServeError):
+                except Exception:  # a full disk, say: keep serving, and trying
                     log.exception(
                         "snapshot of model %r failed; the last one stays", name
                     )
@@ -197,11 +190,10 @@ class Snapshotter:
     def _write(self, name: str) -> int:
         model = self.core.models[name]
         sessions = self.core.sessions.started(name)
-        records = self.core.run_on_model(name, functools.partial(_read, sessions))
-        write_atomically(
-            self.directory / f"{name}{SUFFIX}", encode(layout(model), records)
-        )
-        return len(records)
+        capture = self.core.run_on_model(name, functools.partial(_read, sessions))
+        data = encode(layout(model), capture)
+        write_atomically(self.directory / f"{name}{SUFFIX}", data)
+        return len(capture.ids)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

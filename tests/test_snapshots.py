@@ -11,9 +11,10 @@ import pytest
 
 from seqserve.client import AlreadyExistsError, Client, InvalidArgumentError
 from seqserve.client.tensors import to_numpy
+from seqserve.server.config import Config
 from seqserve.server.executor import StepResult
 from seqserve.server.snapshot_format import (
-    SessionRecord,
+    Capture,
     SnapshotRefused,
     decode,
     encode,
@@ -31,46 +32,50 @@ LAYOUT = {
 }
 
 
-def record(index: int, reply: bool) -> SessionRecord:
-    rng = np.random.default_rng(index)
-    return SessionRecord(
-        id=f"s{index}",
-        version=1,
-        step_number=index + 2,
-        timesteps=7 * index,
-        created_wall_s=1.7e9 + index,
-        last_used_wall_s=1.7e9 + 2 * index,
-        state=[rng.standard_normal(3).astype("f4") for _ in range(2)],
-        has_output=[bool(index % 2)],
-        last_reply=StepResult([rng.standard_normal((2, 4)).astype("f4")], None, 7, 3)
-        if reply
-        else None,
+def capture(sessions: int) -> Capture:
+    """Sessions s0, s1, ... with random numbers and states; odd rows keep a reply."""
+    rng = np.random.default_rng(sessions)
+    return Capture(
+        ids=[f"s{i}" for i in range(sessions)],
+        versions=[1] * sessions,
+        step_numbers=list(range(2, sessions + 2)),
+        timesteps=[7 * i for i in range(sessions)],
+        created_wall_s=1.7e9 + rng.random(sessions),
+        last_used_wall_s=1.8e9 + rng.random(sessions),
+        states=[rng.standard_normal((sessions, 3)).astype("f4") for _ in range(2)],
+        has_output=rng.random((sessions, 1)) < 0.5,
+        replies={
+            i: StepResult([rng.standard_normal((2, 4)).astype("f4")], None, 7, i + 2)
+            for i in range(1, sessions, 2)
+        },
     )
 
 
 def test_a_snapshot_reads_back_as_written():
-    records = [record(i, reply=i != 1) for i in range(3)]
-    found, decoded = decode(encode(LAYOUT, records))
+    written = capture(5)
+    found, records = decode(encode(LAYOUT, written))
 
     assert found == LAYOUT
-    for ours, theirs in zip(records, decoded):
-        np.testing.assert_array_equal(theirs.state, ours.state)
-        assert (theirs.id, theirs.step_number, theirs.has_output) == (
-            ours.id,
-            ours.step_number,
-            ours.has_output,
+    assert [r.id for r in records] == written.ids
+    for row, record in enumerate(records):
+        np.testing.assert_array_equal(record.state, [p[row] for p in written.states])
+        assert record.has_output == written.has_output[row].tolist()
+        assert (record.step_number, record.timesteps) == (
+            written.step_numbers[row],
+            written.timesteps[row],
         )
-        assert theirs.last_used_wall_s == ours.last_used_wall_s
-        if ours.last_reply is None:
-            assert theirs.last_reply is None
-        else:
+        assert record.last_used_wall_s == written.last_used_wall_s[row]
+        if row in written.replies:
             np.testing.assert_array_equal(
-                theirs.last_reply.outputs, ours.last_reply.outputs
+                record.last_reply.outputs, written.replies[row].outputs
             )
+            assert record.last_reply.step_number == written.replies[row].step_number
+        else:
+            assert record.last_reply is None
 
 
 def test_truncated_or_damaged_bytes_are_refused():
-    data = encode(LAYOUT, [record(i, reply=True) for i in range(3)])
+    data = encode(LAYOUT, capture(3))
     rng = np.random.default_rng(0)
     for cut in [0, 8, 41, *rng.integers(1, len(data), 60), len(data) - 1]:
         with pytest.raises(SnapshotRefused):
@@ -213,3 +218,19 @@ def test_import_refuses_garbage_with_invalid_argument(model_dir):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ImportSession(pb.ImportSessionRequest(session=garbage), timeout=5)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_snapshot_settings_come_from_flags_and_environment():
+    environ = {
+        "SEQSERVE_SNAPSHOT_DIR": "/var/snap",
+        "SEQSERVE_SNAPSHOT_INTERVAL_S": "5",
+    }
+    from_env = Config.from_args([], environ)
+    from_flags = Config.from_args(["--snapshot-interval-s", "0.5"], environ)
+
+    assert (from_env.snapshot_dir, from_env.snapshot_interval_s) == ("/var/snap", 5.0)
+    assert from_flags.snapshot_interval_s == 0.5
+    assert Config().snapshot_dir == ""  # off
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(ValueError, match="snapshot_interval_s"):
+            Config.from_args(["--snapshot-interval-s", bad], {})
