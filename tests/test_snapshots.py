@@ -116,10 +116,12 @@ def assert_matches_offline(keras_model, sequence, streamed, state):
     np.testing.assert_allclose(state["lstm"]["c"], c, atol=1e-5)
 
 
-def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path):
+@pytest.mark.parametrize("storage", ["host", "tensorflow"])
+def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path, storage):
     sequence = frames(np.random.default_rng(1), 12)
     chunks = np.split(sequence, 4)
-    with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+    settings = {"snapshot_dir": str(tmp_path), "state_storage": storage}
+    with running_server(model_dir, **settings) as app:
         with client_of(app) as client:
             session = client.start_session("lstm", session_id="kept")
             streamed = [session.step(c) for c in chunks[:2]]
@@ -127,7 +129,7 @@ def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path):
             ended.close()
     assert (tmp_path / "lstm.snapshot").exists()
 
-    with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
+    with running_server(model_dir, **settings) as app:
         with client_of(app) as client, stub_for(app) as stub:
             # The last numbered step's reply survived: a repeat returns it.
             repeat = stub.Step(

@@ -214,3 +214,19 @@ def test_an_expired_deadline_on_the_wire_applies_nothing(app):
     # Whether it applied shows in the step number; a retry is safe either way.
     assert read.step_number in (0, 1) and reply.step_number == 1
     assert outputs(reply).shape == (1, 2)
+
+
+def test_a_numbered_client_stream_and_unary_steps_share_one_count(app, keras_lstm):
+    sequence = frames(np.random.default_rng(6), 12)
+    chunks = np.split(sequence, 6)
+    with Client(f"127.0.0.1:{app.port}") as client:
+        session = client.start_session("lstm")
+        streamed = [session.step(chunks[0])]
+        pairs = [(session, c) for c in chunks[1:5]]
+        streamed += list(client.step_stream(pairs, numbered=True))
+        streamed.append(session.step(chunks[5]))
+
+    assert session.step_number == 6
+    np.testing.assert_allclose(
+        np.concatenate(streamed), offline_outputs(keras_lstm, sequence), atol=1e-5
+    )
