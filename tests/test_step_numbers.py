@@ -5,6 +5,7 @@ that what follows queues up behind it; the gRPC tests check statuses, the
 machine-readable expected number, and exactness against Keras.
 """
 
+import concurrent.futures
 import threading
 import time
 
@@ -21,12 +22,14 @@ from seqserve.server.errors import (
     DeadlineExceeded,
     StepOutOfOrder,
 )
+from seqserve.server.servicer import SequenceServicer
 from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from conftest import running_server
 from fake_model import FakeModel, chunk, reference
 from lossy_channel import dropping_client
-from rpc_helpers import outputs, refusal, stub_for, tensor
+from rpc_helpers import refusal, stub_for, tensor
 from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
 
 WAIT_S = 10
@@ -201,19 +204,42 @@ def test_the_client_reports_a_server_behind_with_the_expected_number(app):
     assert session.step_number == 3
 
 
-def test_an_expired_deadline_on_the_wire_applies_nothing(app):
-    x = frames(np.random.default_rng(5), 1)
-    with stub_for(app) as stub:
-        sid = stub.StartSession(pb.StartSessionRequest(model="lstm")).session_id
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Step(numbered(sid, x, 1), timeout=1e-6)
-        read = stub.GetState(pb.GetStateRequest(session_id=sid))
-        reply = stub.Step(numbered(sid, x, 1))
+@pytest.fixture
+def fake_server(fake_core):
+    """A gRPC server over the fake model's core, whose executor a test can hold."""
+    core, fake = fake_core
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
+    pb_grpc.add_SequenceServiceServicer_to_server(SequenceServicer(core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield pb_grpc.SequenceServiceStub(channel), fake
+    server.stop(0)
 
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # Whether it applied shows in the step number; a retry is safe either way.
-    assert read.step_number in (0, 1) and reply.step_number == 1
-    assert outputs(reply).shape == (1, 2)
+
+@pytest.mark.parametrize("why", ["deadline", "cancelled"])
+def test_a_call_over_before_its_step_runs_applies_nothing(fake_server, why):
+    stub, fake = fake_server
+    fake.hold()
+    busy = stub.Step.future(numbered("blocker", chunk(0.0), 0), timeout=WAIT_S)
+    assert fake.entered.wait(WAIT_S)
+    call = stub.Step.future(numbered("s", chunk(1.0), 1), timeout=0.2)
+    if why == "cancelled":
+        call.cancel()
+    with pytest.raises(
+        grpc.FutureCancelledError if why == "cancelled" else grpc.RpcError
+    ):
+        call.result()
+    time.sleep(0.1)  # the server sees the end of the call
+    fake.release()
+    busy.result()
+    read = stub.GetState(pb.GetStateRequest(session_id="s"), timeout=WAIT_S)
+    retried = stub.Step(numbered("s", chunk(1.0), 1), timeout=WAIT_S)
+
+    if why == "deadline":
+        assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (read.step_number, read.timesteps) == (0, 0)  # not applied
+    assert retried.step_number == 1
 
 
 def test_a_numbered_client_stream_and_unary_steps_share_one_count(app, keras_lstm):
