@@ -259,7 +259,8 @@ class ModelExecutor:
             op.session.timesteps = before + len(op.inputs)
             state = [s[row] for s in states] if op.return_state else None
             outputs_row = [o[row] for o in outputs]
-            results.append(StepResult(outputs_row, state, op.session.timesteps))
+            number = op.session.step_number + 1  # counted by sequencing.record
+            results.append(StepResult(outputs_row, state, op.session.timesteps, number))
         return results
 
     def _run_model(self, inputs, states, has_output):

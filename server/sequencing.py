@@ -56,18 +56,18 @@ def check_call(op) -> None:
 
 
 def record(op, result):
-    """Counts the applied step; keeps its reply when it was numbered."""
+    """Counts the applied step (its number is in `result`); keeps its reply when
+    it was numbered."""
     session = op.session
-    session.step_number += 1
+    session.step_number = result.step_number
     if not op.step_number:
         session.last_reply = None
-        return dataclasses.replace(result, step_number=session.step_number)
+        return result
     # Rows of the batch's arrays: copied, so a kept reply holds no whole batch.
     kept = dataclasses.replace(
         result,
         outputs=[np.array(x) for x in result.outputs],
         state=None if result.state is None else [np.array(x) for x in result.state],
-        step_number=session.step_number,
     )
     session.last_reply = kept
     return kept
