@@ -7,6 +7,7 @@ import sys
 import threading
 
 from .config import Config
+from .logs import configure
 
 # TensorFlow reads this when first imported, which happens with the app below.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,10 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"seqserve-server: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(config.log_level, config.log_format)
     try:
         app = App(config)
     except (OSError, RuntimeError) as error:

@@ -3,17 +3,23 @@
 import concurrent.futures
 import logging
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import threadpoolctl
 
-from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.v1 import admin_pb2_grpc, seqserve_pb2_grpc
 
+from .admin_servicer import AdminServicer
 from .config import Config
 from .core import SequenceCore
+from .discovery import Health, enable_reflection
+from .errors import Unavailable
+from .metrics import Metrics
 from .models import load_model_dir
 from .servicer import SequenceServicer
+from .session_admin import SessionAdmin
 from .snapshots import Snapshotter, restore_all
 
 log = logging.getLogger(__name__)
@@ -25,10 +31,16 @@ SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class App:
-    """A started server; `port` is the bound port (useful with port 0)."""
+    """A started server; `port` is the bound port (useful with port 0), and
+    `metrics_port` the bound metrics port (None when metrics are off).
+
+    It listens before the models load, with the health service NOT_SERVING and
+    every other call UNAVAILABLE, and reports SERVING once all are warmed up.
+    """
 
     def __init__(self, config: Config):
         self.config = config
+        self.started_s = time.monotonic()
         # Steps are small matrix products; a second BLAS thread fighting the
         # gRPC threads for two cores made them erratic, 10 to 100 times slower.
         threadpoolctl.threadpool_limits(limits=1, user_api="blas")
@@ -37,16 +49,26 @@ class App:
         # for the GIL that long (measured on one session: p50 1.6 ms, p99 7.3 ms
         # per Step; at 50 us: 1.1 ms and 1.8 ms).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        models = load_model_dir(
-            config.model_dir,
-            config.allow_unsafe_deserialization,
-            config.execution,
-            config.max_batch_size,
+        self.metrics = Metrics()
+        self.core = None
+        self.snapshotter: Snapshotter | None = None
+        self._listen()
+        try:
+            self.metrics_port = self._serve_metrics()
+            self._start_core()
+        except BaseException:
+            self.server.stop(0).wait()
+            self.metrics.stop()
+            raise
+        self.health.serving()
+        if self.snapshotter is not None:
+            self.snapshotter.start()
+        log.info(
+            "serving models %s: all loaded and warmed up", sorted(self.core.models)
         )
-        if not models:
-            raise RuntimeError(f"no model could be loaded from {config.model_dir}")
-        self.core = SequenceCore(models, config)
-        self.snapshotter = self._restore_sessions()
+
+    def _listen(self) -> None:
+        config, loading = self.config, _Loading()
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(
                 max_workers=config.worker_threads, thread_name_prefix="grpc"
@@ -54,40 +76,90 @@ class App:
             maximum_concurrent_rpcs=None,
             options=SERVER_OPTIONS,
         )
-        pb_grpc.add_SequenceServiceServicer_to_server(
-            SequenceServicer(self.core), self.server
+        self._sequence = SequenceServicer(loading, self.metrics)
+        self._admin = AdminServicer(loading, self.metrics)
+        seqserve_pb2_grpc.add_SequenceServiceServicer_to_server(
+            self._sequence, self.server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self._admin, self.server)
+        self.health = Health(self.server)
+        enable_reflection(self.server)
         address = f"{config.host}:{config.port}"
         try:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            self.core.close()
             raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
-        if self.snapshotter is not None:
-            self.snapshotter.start()
-        log.info(
-            "listening on %s:%d with models %s", config.host, self.port, sorted(models)
+        log.info("listening on %s:%d; loading models", config.host, self.port)
+
+    def _serve_metrics(self) -> int | None:
+        if self.config.metrics_port is None:
+            return None
+        try:
+            port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        except OSError as error:
+            raise RuntimeError(
+                f"could not serve metrics on {self.config.host}:"
+                f"{self.config.metrics_port}: {error}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", self.config.host, port)
+        return port
+
+    def _start_core(self) -> None:
+        models = self._load_models()
+        if not models:
+            raise RuntimeError(f"no model could be loaded from {self.config.model_dir}")
+        self.core = SequenceCore(models, self.config, self.metrics)
+        # Before any call reaches the core: clients see every restored session.
+        self.snapshotter = self._restore_sessions()
+        self._sequence.core = self.core
+        self._admin.admin = SessionAdmin(self.core)
+
+    def _load_models(self):
+        return load_model_dir(
+            self.config.model_dir,
+            self.config.allow_unsafe_deserialization,
+            self.config.execution,
+            self.config.max_batch_size,
         )
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Refuses new calls, lets calls in flight finish, writes the snapshot (with
-        a snapshot directory), then stops the executors."""
-        self.server.stop(grace_s).wait()
-        if self.snapshotter is not None:
-            self.snapshotter.close()
-            written = self.snapshotter.write_all()
-            log.info("wrote %d sessions to %s", written, self.snapshotter.directory)
-        self.core.close()
-        log.info("stopped; %d sessions were live", len(self.core.sessions))
-
     def _restore_sessions(self) -> Snapshotter | None:
-        """Before the server listens: clients see every restored session or none."""
         if not self.config.snapshot_dir:
             return None
         directory = Path(self.config.snapshot_dir)
         snapshotter = Snapshotter(self.core, directory, self.config.snapshot_interval_s)
         restore_all(self.core, directory)
         return snapshotter
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Reports NOT_SERVING, refuses new calls, lets calls in flight finish,
+        writes the snapshot (with a snapshot directory), then stops the
+        executors."""
+        self.health.draining()
+        self.server.stop(grace_s).wait()
+        self.metrics.stop()
+        if self.core is None:
+            return
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+            written = self.snapshotter.write_all()
+            log.info("wrote %d sessions to %s", written, self.snapshotter.directory)
+        self.core.close()
+        log.info(
+            "stopped after %.0f s; %d sessions were live; %s",
+            time.monotonic() - self.started_s,
+            len(self.core.sessions),
+            self.metrics.summary(),
+        )
+
+
+class _Loading:
+    """Stands in for the core and the session admin while the models load."""
+
+    def __getattr__(self, name: str):
+        raise Unavailable(
+            "the server is still loading its models; retry once its health "
+            "service reports SERVING"
+        )

@@ -37,6 +37,12 @@ class Config:
     # Seconds between periodic snapshots; 0: only at shutdown.
     snapshot_interval_s: float = 0.0
     log_level: str = "INFO"
+    log_format: str = "text"  # "text", or "json": one JSON object per line
+    # Prometheus metrics over HTTP on this port (same host); None is off, 0 any.
+    metrics_port: int | None = None
+    # When max_sessions are live, a new session is refused ("refuse") or takes
+    # the place of the least recently used one ("evict-lru").
+    when_full: str = "refuse"
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "0 to 65535", self.port)
@@ -90,6 +96,22 @@ class Config:
         )
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _require(self.log_level in levels, "log_level", levels, self.log_level)
+        formats = ("text", "json")
+        _require(self.log_format in formats, "log_format", formats, self.log_format)
+        _require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            "off or 0 to 65535",
+            self.metrics_port,
+        )
+        _require(
+            not self.port or self.metrics_port != self.port,
+            "metrics_port",
+            f"a port other than the gRPC port {self.port}",
+            self.metrics_port,
+        )
+        policies = ("refuse", "evict-lru")
+        _require(self.when_full in policies, "when_full", policies, self.when_full)
 
     @classmethod
     def from_args(
@@ -130,6 +152,8 @@ def _convert(field: dataclasses.Field, raw: object) -> object:
             return text.lower() in ("1", "true", "yes")
         if field.type is Path:
             return Path(text)
+        if field.type == int | None:
+            return None if text.lower() == "off" else int(text)
         return field.type(text)
     except ValueError:
         expected = _KINDS.get(field.type, field.type)
@@ -141,6 +165,7 @@ def _convert(field: dataclasses.Field, raw: object) -> object:
 _KINDS = {
     bool: "true or false (also 1/0, yes/no)",
     int: "an integer",
+    int | None: "an integer or off",
     float: "a number",
     str: "text",
 }

@@ -25,8 +25,16 @@ from .executor import (
     StepResult,
     StoreOp,
 )
+from .logs import about
+from .metrics import Metrics
 from .models import ServedModel
-from .sessions import ENDED_BY_CLIENT, Session, SessionRegistry
+from .sessions import (
+    ENDED_BY_CLIENT,
+    EVICTED_FOR_ROOM,
+    Session,
+    SessionRegistry,
+    SessionsFull,
+)
 from .validation import StateEntry, check_inputs, check_state
 
 log = logging.getLogger(__name__)
@@ -35,9 +43,15 @@ log = logging.getLogger(__name__)
 class SequenceCore:
     """Thread-safe: any number of callers may use it at once."""
 
-    def __init__(self, models: dict[str, ServedModel], config: Config):
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        config: Config,
+        metrics: Metrics | None = None,
+    ):
         self.models = models
         self.config = config
+        self.metrics = Metrics() if metrics is None else metrics
         self.sessions = SessionRegistry(config.max_sessions)
         self._executors = {
             name: ModelExecutor(
@@ -45,9 +59,11 @@ class SequenceCore:
                 config.max_batch_size,
                 config.max_batch_wait_ms,
                 state_on_device=_states_on_device(config),
+                stats=self.metrics.stats_for(name),
             )
             for name, model in models.items()
         }
+        self.metrics.attach(self)
         self._stopping = threading.Event()
         self._reaper = None
         if config.idle_timeout_s > 0:
@@ -74,7 +90,7 @@ class SequenceCore:
     ) -> tuple[Session, ServedModel]:
         model = self.model(model_name)
         values = None if state is None else check_state(model, state, "initial_state")
-        session = self.sessions.add(model.name, session_id)
+        session = self._admit(model.name, session_id)
         session.version = model.version
         try:
             self._run(StateOp("start", session, values))
@@ -82,8 +98,24 @@ class SequenceCore:
             self.sessions.discard(session)
             raise
         self.sessions.activate(session)
-        log.debug("session %s started on model %r", session.id, model.name)
+        self.metrics.session_started(model.name)
+        log.debug("session started on model %r", model.name, extra=about(session))
         return session, model
+
+    def _admit(self, model_name: str, session_id: str) -> Session:
+        """Reserves a session, evicting the least recently used one when full
+        and the policy says so (a few tries: concurrent starts may take the room)."""
+        for _ in range(3):
+            try:
+                return self.sessions.add(model_name, session_id)
+            except SessionsFull:
+                if self.config.when_full != "evict-lru":
+                    raise
+                victim = self.sessions.remove_least_recent(EVICTED_FOR_ROOM)
+                if victim is not None:
+                    log.debug("session evicted to make room", extra=about(victim))
+                    self.release_ended(victim, "evicted")
+        return self.sessions.add(model_name, session_id)
 
     def step(
         self,
@@ -175,7 +207,13 @@ class SequenceCore:
     def end_session(self, session_id: str) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
         session = self.sessions.remove(session_id, ENDED_BY_CLIENT)
-        log.debug("session %s ended", session.id)
+        self.metrics.session_ended(session.model, "closed")
+        log.debug("session ended by the client", extra=about(session))
+        return self.release(session)
+
+    def release(self, session: Session) -> int:
+        """Frees an ended session's state once its submitted steps have applied;
+        returns its timesteps."""
         return self._run(StateOp("release", session))
 
     def export_session(self, session_id: str) -> bytes:
@@ -185,6 +223,9 @@ class SequenceCore:
     def import_session(self, data: bytes) -> tuple[Session, ServedModel]:
         """Creates an exported session under its own id; all or nothing."""
         return snapshots.import_session(self, data)
+
+    def queue_depth(self, model_name: str) -> int:
+        return self._executors[model_name].queued()
 
     def _distinct_sessions(self, session_ids: list[str]) -> list[Session]:
         if not session_ids:
@@ -217,10 +258,12 @@ class SequenceCore:
         interval = min(1.0, max(0.01, self.config.idle_timeout_s / 4))
         while not self._stopping.wait(interval):
             for session in self.sessions.remove_idle(self.config.idle_timeout_s):
-                log.debug("session %s expired after idle timeout", session.id)
-                self._release_expired(session)
+                log.debug("session expired after idle timeout", extra=about(session))
+                self.release_ended(session, "idle_timeout")
 
-    def _release_expired(self, session: Session) -> None:
+    def release_ended(self, session: Session, reason: str) -> None:
+        """Frees the state of a session that nobody waits for (expired, evicted)."""
+        self.metrics.session_ended(session.model, reason)
         try:
             future = self._executors[session.model].submit(StateOp("release", session))
         except Unavailable:
@@ -243,6 +286,6 @@ def _states_on_device(config: Config) -> bool:
 
 
 def _log_failure(future) -> None:
-    # Nobody waits for an expiry's release, so its failure is logged here.
+    # Nobody waits for such a release, so its failure is logged here.
     if future.exception() is not None:
-        log.error("releasing an expired session failed", exc_info=future.exception())
+        log.error("releasing an ended session failed", exc_info=future.exception())

@@ -7,10 +7,10 @@ the order they were submitted. A lone step runs at once; nothing waits for a
 batch to fill.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +20,7 @@ import numpy as np
 from . import sequencing
 from .device_state import TensorFlowStateStore
 from .errors import NotFound, Unavailable
+from .metrics import ModelStats
 from .models import ServedModel
 from .sessions import ENDED_BY_CLIENT, Session, ended_message
 from .state_store import StateStore
@@ -37,6 +38,7 @@ class StepOp:
     future: concurrent.futures.Future = dataclasses.field(
         default_factory=concurrent.futures.Future
     )
+    submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
     step_number: int = 0  # 0: unnumbered (see sequencing.py)
     deadline_s: float | None = None  # time.monotonic() after which it must not run
     cancelled: Callable[[], bool] | None = None  # true once the call is over
@@ -65,6 +67,7 @@ class ManyStepOp:
     future: concurrent.futures.Future = dataclasses.field(
         default_factory=concurrent.futures.Future
     )
+    submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
     deadline_s: float | None = None
     cancelled: Callable[[], bool] | None = None
 
@@ -98,23 +101,34 @@ class StepResult:
 
 
 class ModelExecutor:
+    """Applies a model's operations in order, batching those that wait.
+
+    When nothing is running or queued, `submit` runs the operation at once in
+    the caller's thread: a lone session pays no handoff to another thread and
+    back (each costs a GIL switch). Otherwise the operation is queued and the
+    executor's own thread runs it with whatever else waits. Either way only one
+    thread runs the model at a time, in submission order.
+    """
+
     def __init__(
         self,
         model: ServedModel,
         max_batch_size: int,
         max_batch_wait_ms: float = 0.0,
         state_on_device: bool = False,
+        stats: ModelStats | None = None,
     ):
         self.model = model
+        self.stats = ModelStats() if stats is None else stats
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000
         self._last_collected = 1
         units = tuple(p.units for p in model.state_parts)
         store = TensorFlowStateStore if state_on_device else StateStore
         self._store = store(units, model.recurrent_layers)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        # Orders `submit` against `close`, so nothing is queued behind the stop mark.
-        self._submit_lock = threading.Lock()
+        self._queue: collections.deque = collections.deque()
+        self._changed = threading.Condition(threading.Lock())
+        self._running = False  # a thread is applying operations; under _changed
         self._closed = False
         self._thread = threading.Thread(
             target=self._loop, name=f"executor-{model.name}", daemon=True
@@ -122,55 +136,79 @@ class ModelExecutor:
         self._thread.start()
 
     def submit(self, op: StepOp | StateOp | ManyStepOp) -> concurrent.futures.Future:
-        with self._submit_lock:
+        with self._changed:
             if self._closed:
                 raise Unavailable("the server is shutting down")
-            self._queue.put(op)
+            inline = not self._running and not self._queue
+            if inline:
+                self._running = True
+            else:
+                self._queue.append(op)
+                self._changed.notify()
+        if inline:
+            try:
+                self._apply([op])
+            finally:
+                self._finish_run()
         return op.future
+
+    def queued(self) -> int:
+        """Operations submitted and not yet taken up by the executor thread."""
+        return len(self._queue)
 
     def close(self) -> None:
         """Finishes what was submitted, then stops the thread."""
-        with self._submit_lock:
+        with self._changed:
             self._closed = True
-            self._queue.put(None)
+            self._changed.notify()
         self._thread.join()
 
     def _loop(self) -> None:
-        while True:
-            pending = self._collect()
-            closing = pending[-1] is None
-            ops = pending[:-1] if closing else pending
+        while (pending := self._collect()) is not None:
             try:
-                self._run_rounds(ops)
-            except Exception as error:  # a bug here must not leave callers waiting
-                log.exception("executor of model %r failed", self.model.name)
-                for op in ops:
-                    if not op.future.done():
-                        op.future.set_exception(error)
-            if closing:
-                return
+                self._apply(pending)
+            finally:
+                self._finish_run()
 
-    def _collect(self) -> list:
-        """What is queued: at least one operation, up to a few batches' worth.
+    def _apply(self, ops: list) -> None:
+        try:
+            self._run_rounds(ops)
+        except Exception as error:  # a bug here must not leave callers waiting
+            log.exception("executor of model %r failed", self.model.name)
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(error)
+
+    def _finish_run(self) -> None:
+        with self._changed:
+            self._running = False
+            if self._queue or self._closed:
+                self._changed.notify()
+
+    def _collect(self) -> list | None:
+        """What is queued, up to a few batches' worth; None once closed and drained.
 
         With a maximum wait, keeps collecting until as many operations came as
         in the last collection (capped at a batch), or the wait from the first
         operation is over. So a lone session never waits; without a maximum
         wait, it takes what is there.
         """
-        pending = [self._queue.get()]
-        deadline = time.monotonic() + self.max_batch_wait_s
-        expected = min(self._last_collected, self.max_batch_size)
-        while pending[-1] is not None and len(pending) < 4 * self.max_batch_size:
-            wait_s = deadline - time.monotonic()
-            full = len(pending) >= expected
-            try:
-                if wait_s > 0 and not full:
-                    pending.append(self._queue.get(timeout=wait_s))
-                else:
-                    pending.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+        limit = 4 * self.max_batch_size
+        with self._changed:
+            while self._running or not (self._queue or self._closed):
+                self._changed.wait()
+            if not self._queue:
+                return None
+            self._running = True
+            pending = _take(self._queue, limit)
+            deadline = time.monotonic() + self.max_batch_wait_s
+            expected = min(self._last_collected, self.max_batch_size)
+            while len(pending) < min(expected, limit) and not self._closed:
+                wait_s = deadline - time.monotonic()
+                if wait_s <= 0:
+                    break
+                self._changed.wait(wait_s)
+                pending += _take(self._queue, limit - len(pending))
         self._last_collected = len(pending)
         return pending
 
@@ -239,6 +277,7 @@ class ModelExecutor:
             for op in live:
                 self._run_steps([op])
             return
+        self.stats.record_steps(live)
         for op, result in zip(live, results):
             op.future.set_result(sequencing.record(op, result))
 
@@ -246,7 +285,10 @@ class ModelExecutor:
         slots = np.fromiter((op.session.slot for op in steps), np.intp, len(steps))
         states, has_output = self._store.gather(slots)
         states, has_output = self._restart_rows(steps, states, has_output)
-        inputs = np.stack([op.inputs for op in steps])
+        if len(steps) == 1:  # a lone session; np.stack costs more than the step
+            inputs = steps[0].inputs[None]
+        else:
+            inputs = np.stack([op.inputs for op in steps])
         outputs, states, has_output = self._run_model(inputs, states, has_output)
         self._store.scatter(slots, states, has_output)
         if any(op.return_state for op in steps):
@@ -303,9 +345,17 @@ class ModelExecutor:
         for session in op.sessions:
             session.timesteps = (0 if op.reset else session.timesteps) + length
         timesteps = [session.timesteps for session in op.sessions]
+        self.stats.record_many(op)
         state = states if op.return_state else None
         step_numbers = sequencing.advance(op.sessions)
         return ManyStepResult(outputs, state, timesteps, step_numbers)
+
+
+def _take(queue: collections.deque, most: int) -> list:
+    taken = []
+    while queue and len(taken) < most:
+        taken.append(queue.popleft())
+    return taken
 
 
 def _sessions(op) -> list[Session]:

@@ -18,6 +18,7 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from . import tensors
 from .core import SequenceCore
 from .errors import SeqServeError, StepOutOfOrder
+from .metrics import Metrics
 from .models import ServedModel
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,25 @@ def _statuses(method):
         try:
             return method(self, request, context)
         except SeqServeError as error:
+            self.metrics.rejected(error.code)
+            log.debug("%s refused: %s", method.__name__, error, extra=_about(request))
             if error.trailing_metadata:
                 context.set_trailing_metadata(error.trailing_metadata)
             context.abort(error.code, str(error))
         except Exception:
-            log.exception("unexpected error in %s", method.__name__)
+            self.metrics.rejected(grpc.StatusCode.INTERNAL)
+            log.exception(
+                "unexpected error in %s", method.__name__, extra=_about(request)
+            )
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
 
     return wrapper
 
 
 class SequenceServicer(pb_grpc.SequenceServiceServicer):
-    def __init__(self, core: SequenceCore):
+    def __init__(self, core: SequenceCore, metrics: Metrics | None = None):
         self.core = core
+        self.metrics = core.metrics if metrics is None else metrics
 
     @_statuses
     def ListModels(self, request, context):
@@ -98,7 +105,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             daemon=True,
         ).start()
         while (item := _next(pending, context)) is not _END_OF_STREAM:
-            yield _outcome(item)
+            yield _outcome(item, self.metrics)
 
     def _submit_stream(self, requests, pending: queue.Queue, context) -> None:
         try:
@@ -201,7 +208,13 @@ def _put(pending: queue.Queue, item, context) -> bool:
     return False
 
 
-def _outcome(item) -> pb.StepOutcome:
+def _about(request) -> dict:
+    session_id = getattr(request, "session_id", "")
+    has_one = isinstance(session_id, str) and session_id
+    return {"session_id": session_id} if has_one else {}
+
+
+def _outcome(item, metrics: Metrics) -> pb.StepOutcome:
     try:
         if isinstance(item, Exception):
             raise item
@@ -212,10 +225,12 @@ def _outcome(item) -> pb.StepOutcome:
         outcome.error.expected_step_number = error.expected
         return outcome
     except SeqServeError as error:
+        metrics.rejected(error.code)
         return pb.StepOutcome(error=_error(error.code, str(error)))
     except Exception:
         log.exception("unexpected error in StepStream")
         internal = grpc.StatusCode.INTERNAL
+        metrics.rejected(internal)
         return pb.StepOutcome(error=_error(internal, "internal error; see server log"))
 
 

@@ -19,6 +19,15 @@ from .errors import (
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REMEMBERED_ENDINGS = 100_000
 ENDED_BY_CLIENT = "was ended by the client"
+EVICTED_BY_OPERATOR = "was evicted by an operator"
+EVICTED_FOR_ROOM = (
+    "was evicted, least recently used, to make room for a new session "
+    "(--when-full evict-lru)"
+)
+
+
+class SessionsFull(ResourceExhausted):
+    """The server holds its maximum of live sessions."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -28,6 +37,8 @@ class Session:
     created_s: float
     last_used_s: float
     version: int = 1  # of the model; set at start
+    steps: int = 0  # applied since start; written by the model's executor
+    last_step_s: float = 0.0  # time.monotonic() of the last step; 0 before any
     slot: int = -1  # the row in the model's state store; set by its executor
     timesteps: int = 0  # since start, reset or set
     # False until its state row exists: calls must not reach the executor before
@@ -47,7 +58,8 @@ class SessionRegistry:
     def __init__(self, max_sessions: int):
         self.max_sessions = max_sessions
         self._lock = threading.Lock()
-        self._live: dict[str, Session] = {}
+        # In order of last use, least recent first (for --when-full evict-lru).
+        self._live: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -65,7 +77,7 @@ class SessionRegistry:
                     "leave it empty for the server to mint one"
                 )
             if len(self._live) >= self.max_sessions:
-                raise ResourceExhausted(
+                raise SessionsFull(
                     f"the server holds its maximum of {self.max_sessions} sessions; "
                     "end idle sessions or raise --max-sessions"
                 )
@@ -91,6 +103,7 @@ class SessionRegistry:
         with self._lock:
             session = self._started(session_id)
             session.last_used_s = time.monotonic()
+            self._live.move_to_end(session_id)
             return session
 
     def get_many(self, session_ids: list[str]) -> list[Session]:
@@ -102,6 +115,7 @@ class SessionRegistry:
                 if session is None or not session.started:
                     self._refuse_item(index, session_ids[index])
                 session.last_used_s = now
+                self._live.move_to_end(session.id)
             return sessions
 
     def started(self, model: str) -> list[Session]:
@@ -124,6 +138,50 @@ class SessionRegistry:
             self._remember(session, reason)
             return session
 
+    def remove_least_recent(self, reason: str) -> Session | None:
+        """Removes the started session used least recently; None when none is."""
+        with self._lock:
+            for session in self._live.values():
+                if session.started:
+                    self._drop(session)
+                    self._remember(session, reason)
+                    return session
+            return None
+
+    def remove_all(self, model: str | None, reason: str) -> list[Session]:
+        """Removes every started session of `model` (None: of every model)."""
+        with self._lock:
+            gone = [
+                s
+                for s in self._live.values()
+                if s.started and (model is None or s.model == model)
+            ]
+            for session in gone:
+                self._drop(session)
+                self._remember(session, reason)
+            return gone
+
+    def live(self, session_id: str) -> Session:
+        """The live session, without marking it used (for inspection)."""
+        _check_given(session_id)
+        with self._lock:
+            return self._started(session_id)
+
+    def snapshot(self, model: str | None = None) -> list[Session]:
+        """The started sessions (of `model`, when given), in no set order."""
+        with self._lock:
+            return [
+                s
+                for s in self._live.values()
+                if s.started and (model is None or s.model == model)
+            ]
+
+    def count_by_model(self) -> dict[str, int]:
+        with self._lock:
+            return dict(
+                collections.Counter(s.model for s in self._live.values() if s.started)
+            )
+
     def remove_idle(self, idle_timeout_s: float) -> list[Session]:
         cutoff = time.monotonic() - idle_timeout_s
         reason = f"expired after {idle_timeout_s:g} s without a call"
@@ -135,6 +193,9 @@ class SessionRegistry:
                 del self._live[session.id]
                 self._remember(session, reason)
             return idle
+
+    def _drop(self, session: Session) -> None:
+        del self._live[session.id]
 
     def _started(self, session_id: str) -> Session:
         session = self._live.get(session_id)

@@ -63,8 +63,11 @@ def import_session(core, data: bytes) -> tuple[Session, ServedModel]:
     return adopt(core, model, records[0]), model
 
 
-def adopt(core, model: ServedModel, record: SessionRecord) -> Session:
-    """Makes `record` a live session of `model` (its layout already checked)."""
+def adopt(
+    core, model: ServedModel, record: SessionRecord, reason: str = "new"
+) -> Session:
+    """Makes `record` a live session of `model` (its layout already checked);
+    `reason` is "restored" for a session from a snapshot file."""
     parts = [(p.layer, p.part, v) for p, v in zip(model.state_parts, record.state)]
     check_state(model, parts, "session state")
     _check_reply(model, record.last_reply)
@@ -79,6 +82,7 @@ def adopt(core, model: ServedModel, record: SessionRecord) -> Session:
         core.sessions.discard(session)
         raise
     core.sessions.activate(session)
+    core.metrics.session_started(model.name, reason)
     return session
 
 
@@ -241,7 +245,7 @@ def _restore(core, path: Path) -> int:
     restored = 0
     for record in records:
         try:
-            adopt(core, model, record)
+            adopt(core, model, record, "restored")
             restored += 1
         except SeqServeError as error:
             log.warning("session %r not restored from %s: %s", record.id, path, error)

@@ -90,3 +90,60 @@ def test_config_is_frozen_and_validated_at_construction():
 def test_command_line_reports_a_bad_value_and_exits_2(capsys):
     assert main(["--port=http"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def readme_settings() -> dict[str, list[str]]:
+    """The README's configuration table: flag -> [variable, unit, default]."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `--")]
+    cells = [[c.strip().strip("`") for c in row.split("|")[1:-1]] for row in rows]
+    return {flag: rest[:3] for flag, *rest in cells}
+
+
+def shown(default: object) -> str:
+    if default is None or default is False:
+        return "off"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_readme_lists_exactly_the_settings_of_config_with_their_defaults():
+    listed = readme_settings()
+    expected = {
+        "--" + field.name.replace("_", "-"): [
+            "SEQSERVE_" + field.name.upper(),
+            listed.get("--" + field.name.replace("_", "-"), ["", "?"])[1],
+            shown(field.default),
+        ]
+        for field in dataclasses.fields(Config)
+    }
+    assert listed == expected
+    assert all(unit for _, unit, _ in listed.values())
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("metrics_port", "70000"),
+        ("metrics_port", "on"),
+        ("log_format", "xml"),
+        ("when_full", "evict"),
+    ],
+)
+def test_operations_settings_are_validated(name, value):
+    with pytest.raises(ValueError, match=name):
+        Config.from_args([], environ={"SEQSERVE_" + name.upper(): value})
+
+
+def test_metrics_port_is_off_a_number_or_any_and_not_the_grpc_port():
+    assert Config.from_args(["--metrics-port=off"], environ={}).metrics_port is None
+    assert Config.from_args(["--metrics-port=9090"], environ={}).metrics_port == 9090
+    assert Config(port=0, metrics_port=0).metrics_port == 0
+    with pytest.raises(ValueError, match="metrics_port"):
+        Config(port=9090, metrics_port=9090)
+
+
+def test_command_line_refuses_a_bad_setting_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("SEQSERVE_WHEN_FULL", "sometimes")
+    assert main([]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

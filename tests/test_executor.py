@@ -42,7 +42,8 @@ def hold(executor, fake) -> None:
     """Parks the executor inside a step, so what follows queues up behind it."""
     blocker = start(executor, "blocker")
     fake.hold()
-    step(executor, blocker, chunk(0))
+    # An idle executor runs a step in the submitting thread, so submit from another.
+    threading.Thread(target=step, args=(executor, blocker, chunk(0))).start()
     assert fake.entered.wait(WAIT_S)
 
 
@@ -227,14 +228,23 @@ def test_with_a_maximum_wait_steps_arriving_apart_share_a_batch(fake):
     executor = ModelExecutor(fake, max_batch_size=8, max_batch_wait_ms=2_000)
     try:
         first, second = start(executor, "a"), start(executor, "b")
-        fake.batches.clear()
-        # The two starts taught the executor to expect two operations at a time.
+        # Teach the executor to expect two operations at a time.
         executor._last_collected = 2
+        hold(executor, fake)
         pending = [step(executor, first, chunk(1))]
+        fake.release()  # the executor's thread now collects the first step alone
         time.sleep(0.2)  # well inside the wait, far outside a drain of the queue
         pending.append(step(executor, second, chunk(2)))
         for future in pending:
             future.result(WAIT_S)
-        assert fake.batches == [(2, 1)]
+        assert fake.batches[1:] == [(2, 1)]
     finally:
         executor.close()
+
+
+def test_an_idle_executor_runs_a_step_in_the_submitting_thread(executor, fake):
+    session = start(executor, "alone")
+    future = step(executor, session, chunk(3))
+    # Done on return: no other thread was involved, so no handoff was paid.
+    assert future.done()
+    assert fake.batches == [(1, 1)]

@@ -22,6 +22,10 @@ def test_generated_code_is_up_to_date(tmp_path):
     names = sorted(p.name for p in fresh.iterdir())
     assert names == sorted(
         [
+            "admin_pb2.py",
+            "admin_pb2.pyi",
+            "admin_pb2_grpc.py",
+            "admin_pb2_grpc.pyi",
             "seqserve_pb2.py",
             "seqserve_pb2.pyi",
             "seqserve_pb2_grpc.py",
