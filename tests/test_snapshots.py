@@ -21,10 +21,15 @@ from seqserve.server.snapshot_format import (
 )
 from seqserve.v1 import seqserve_pb2 as pb
 
+from admin_helpers import scrape
 from conftest import running_server
 from rpc_helpers import status_of, stub_for, tensor
 from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
 
+STARTED_RESTORED = (
+    "seqserve_sessions_started_total",
+    (("model", "lstm"), ("reason", "restored")),
+)
 LAYOUT = {
     "model": "m",
     "state": [["r", "LSTM", "h", 3], ["r", "LSTM", "c", 3]],
@@ -129,7 +134,8 @@ def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path, stor
             ended.close()
     assert (tmp_path / "lstm.snapshot").exists()
 
-    with running_server(model_dir, **settings) as app:
+    with running_server(model_dir, metrics_port=0, **settings) as app:
+        restored = scrape(app)[STARTED_RESTORED]
         with client_of(app) as client, stub_for(app) as stub:
             # The last numbered step's reply survived: a repeat returns it.
             repeat = stub.Step(
@@ -142,6 +148,7 @@ def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path, stor
             state = session.get_state()
             gone = status_of(stub.GetState, pb.GetStateRequest(session_id=ended.id))
 
+    assert restored == 1
     assert gone == grpc.StatusCode.NOT_FOUND  # an ended session stays ended
     np.testing.assert_array_equal(to_numpy(repeat.outputs[0]), streamed[1])
     assert session.step_number == 4
