@@ -1,6 +1,7 @@
 """Python client for seqserve: `from seqserve.client import Client`."""
 
-from .client import Client, ModelInfo, Session, State, StatePartInfo, TensorInfo
+from .client import Client, ModelInfo, StatePartInfo, TensorInfo
+from .conversions import State
 from .errors import (
     AlreadyExistsError,
     CancelledError,
@@ -13,6 +14,7 @@ from .errors import (
     UnavailableError,
 )
 from .retries import NO_RETRIES, RetryPolicy
+from .session import Session
 
 __all__ = [
     "NO_RETRIES",

@@ -11,8 +11,7 @@ each part of shape [units] for one session.
 
 import dataclasses
 import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -21,16 +20,14 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from . import retries, tensors
+from .conversions import Outputs, State, cast, outputs_of, state_to_proto
 from .errors import (
-    NotFoundError,
     SeqServeError,
     from_code,
     from_rpc_error,
 )
 from .retries import RetryPolicy
-
-State = dict[str, dict[str, np.ndarray]]
-Outputs = np.ndarray | tuple[np.ndarray, ...]
+from .session import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +134,7 @@ class Client:
         """Starts a session from zeros, or from `state`. Not idempotent."""
         request = pb.StartSessionRequest(model=model, session_id=session_id)
         if state is not None:
-            request.initial_state.CopyFrom(_state_to_proto(state))
+            request.initial_state.CopyFrom(state_to_proto(state))
         reply = self._call(self._stub.StartSession, request)
         return Session(self, reply.session_id, ModelInfo.from_proto(reply.model))
 
@@ -158,7 +155,7 @@ class Client:
             raise ValueError("expected at least one session")
         request = pb.StepManyRequest(
             session_ids=[s.id for s in sessions],
-            inputs=tensors.to_proto(_cast(inputs, sessions[0].model.input.dtype)),
+            inputs=tensors.to_proto(cast(inputs, sessions[0].model.input.dtype)),
             reset=reset,
         )
         reply = self._call(self._stub.StepMany, request, retries.REFUSED_UNAPPLIED)
@@ -166,7 +163,7 @@ class Client:
             sessions, reply.timesteps, reply.step_numbers
         ):
             session.timesteps, session.step_number = timesteps, number
-        return _outputs(reply.outputs)
+        return outputs_of(reply.outputs)
 
     def step_stream(
         self, steps: Iterable[tuple["Session", np.ndarray]], *, numbered: bool = False
@@ -187,7 +184,7 @@ class Client:
                 sent.put(session)
                 yield pb.StepRequest(
                     session_id=session.id,
-                    inputs=tensors.to_proto(_cast(inputs, session.model.input.dtype)),
+                    inputs=tensors.to_proto(cast(inputs, session.model.input.dtype)),
                     step_number=session._claim_number() if numbered else 0,
                 )
 
@@ -203,7 +200,7 @@ class Client:
                     continue
                 session.timesteps = outcome.response.timesteps
                 session.step_number = outcome.response.step_number
-                yield _outputs(outcome.response.outputs)
+                yield outputs_of(outcome.response.outputs)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -224,202 +221,3 @@ class Client:
             policy=self.retry,
             retry_on=retry_on,
         )
-
-
-class Session:
-    """One server-side session. Calls on one session apply in the order the
-    server receives them: one after another when each is waited for, as here.
-
-    With the client's `numbered_steps` (the default), `step` sends the next
-    step number and retries a step whose outcome is unknown (UNAVAILABLE,
-    DEADLINE_EXCEEDED, CANCELLED) or that was refused unapplied
-    (RESOURCE_EXHAUSTED): the server applies it once and answers a repeat
-    with the same reply. Steps from several threads are sent one at a time.
-    If a step still fails with an unknown outcome, `sync()` (called by the
-    next step) reads the server's step number: it equals the error's
-    `step_number` if the step applied.
-
-    After a server restored from a periodic snapshot (a crash), a step raises
-    `StepOutOfOrderError` with `server_behind` true: call
-    `resume_from(error.expected_step_number)` and send again your inputs from
-    that step on (keep the inputs of the last snapshot interval to do so).
-
-    Use it as a context manager to end the session on exit.
-    """
-
-    def __init__(self, client: Client, session_id: str, model: ModelInfo):
-        self._client = client
-        self.id = session_id
-        self.model = model
-        self.timesteps = 0  # as last reported by the server
-        # The number of the last step the server reported applied.
-        self.step_number = 0
-        self._claimed = 0  # the last number sent, on a numbered stream
-        self._lock = threading.Lock()  # one numbered step at a time
-        self._unsure = False  # the outcome of the last numbered step is unknown
-
-    def sync(self) -> int:
-        """Reads the server's step number (and timesteps); returns it."""
-        reply = self._client._call(
-            self._client._stub.GetState,
-            pb.GetStateRequest(session_id=self.id),
-            retries.FOR_READS,
-        )
-        self.timesteps, self.step_number = reply.timesteps, reply.step_number
-        self._unsure = False
-        return self.step_number
-
-    def resume_from(self, step_number: int) -> None:
-        """Makes `step_number` the next step sent: to replay after a restore."""
-        if step_number < 1:
-            raise ValueError(f"step_number: expected 1 or more, received {step_number}")
-        self.step_number = step_number - 1
-        self._unsure = False
-
-    def step(
-        self, inputs: np.ndarray, *, state: State | None = None, reset: bool = False
-    ) -> Outputs:
-        """Feeds inputs of shape [timesteps, *features]; returns the model's outputs.
-
-        One array for a single-output model, else a tuple. Each has a leading
-        timesteps axis when the model outputs per timestep. `state` replaces
-        the stored state for this step; `reset` starts it from zeros.
-        """
-        outputs, _ = self._step(inputs, state, reset, return_state=False)
-        return outputs
-
-    def step_with_state(
-        self, inputs: np.ndarray, *, state: State | None = None, reset: bool = False
-    ) -> tuple[Outputs, State]:
-        """As `step`, and also returns the state after the step."""
-        return self._step(inputs, state, reset, return_state=True)
-
-    def reset(self, state: State | None = None) -> None:
-        """Back to zeros, or to `state`; the session stays open. Idempotent."""
-        request = pb.ResetRequest(session_id=self.id)
-        if state is not None:
-            request.state.CopyFrom(_state_to_proto(state))
-        self._client._call(self._client._stub.Reset, request, retries.REFUSED_UNAPPLIED)
-        self.timesteps = 0
-
-    def get_state(self) -> State:
-        reply = self._client._call(
-            self._client._stub.GetState,
-            pb.GetStateRequest(session_id=self.id),
-            retries.FOR_READS,
-        )
-        self.timesteps, self.step_number = reply.timesteps, reply.step_number
-        return _state_from_proto(reply.state)
-
-    def set_state(self, state: State) -> None:
-        """Replaces every part of the state; all parts must be given. Idempotent."""
-        request = pb.SetStateRequest(session_id=self.id, state=_state_to_proto(state))
-        self._client._call(
-            self._client._stub.SetState, request, retries.REFUSED_UNAPPLIED
-        )
-        self.timesteps = 0
-
-    def close(self) -> None:
-        """Ends the session on the server. Raises NotFoundError if already gone."""
-        reply = self._client._call(
-            self._client._stub.EndSession, pb.EndSessionRequest(session_id=self.id)
-        )
-        self.timesteps = reply.timesteps
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        try:
-            self.close()
-        except NotFoundError:
-            pass  # ended or expired already: nothing left to free
-
-    def _step(self, inputs, state, reset, return_state):
-        request = pb.StepRequest(
-            session_id=self.id,
-            inputs=tensors.to_proto(_cast(inputs, self.model.input.dtype)),
-            reset=reset,
-            return_state=return_state,
-        )
-        if state is not None:
-            request.state.CopyFrom(_state_to_proto(state))
-        if self._client.numbered_steps:
-            with self._lock:
-                reply = self._numbered_step(request)
-        else:
-            reply = self._client._call(
-                self._client._stub.Step, request, retries.REFUSED_UNAPPLIED
-            )
-        self.timesteps, self.step_number = reply.timesteps, reply.step_number
-        state = _state_from_proto(reply.state) if return_state else None
-        return _outputs(reply.outputs), state
-
-    def _numbered_step(self, request: pb.StepRequest) -> pb.StepResponse:
-        if self._unsure:
-            self.sync()
-        request.step_number = self.step_number + 1
-        try:
-            return self._client._call(
-                self._client._stub.Step, request, retries.FOR_NUMBERED_STEPS
-            )
-        except SeqServeError as error:
-            error.step_number = request.step_number
-            self._unsure = error.code in retries.FOR_NUMBERED_STEPS
-            raise
-
-    def _claim_number(self) -> int:
-        with self._lock:
-            self._claimed = max(self._claimed, self.step_number) + 1
-            return self._claimed
-
-    def _unclaim(self) -> None:
-        """After a refused stream step: later numbers restart from the last
-        applied one (those already sent are refused in order before them)."""
-        with self._lock:
-            self._claimed = self.step_number
-
-
-def _outputs(messages) -> Outputs:
-    outputs = tuple(tensors.to_numpy(t) for t in messages)
-    return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _cast(array, dtype: np.dtype) -> np.ndarray:
-    """Casts within a kind (float64 to float32, say); the server checks the rest.
-
-    Integers stay integers and floats floats. A value that does not survive
-    the cast (an integer out of range, a float64 past float32's range) is sent
-    as it is, for the server to refuse, rather than turned into another value.
-    """
-    array = np.asarray(array)
-    if array.dtype == dtype or array.dtype.kind != dtype.kind:
-        return array
-    with np.errstate(over="ignore"):
-        cast = array.astype(dtype)
-    if dtype.kind == "i" and not np.array_equal(cast, array):
-        return array
-    if dtype.kind == "f" and not np.array_equal(np.isfinite(cast), np.isfinite(array)):
-        return array
-    return cast
-
-
-def _state_to_proto(state: Mapping[str, Mapping[str, np.ndarray]]) -> pb.State:
-    return pb.State(
-        parts=[
-            pb.StatePart(
-                layer=layer,
-                part=part,
-                value=tensors.to_proto(_cast(value, np.dtype(np.float32))),
-            )
-            for layer, parts in state.items()
-            for part, value in parts.items()
-        ]
-    )
-
-
-def _state_from_proto(state: pb.State) -> State:
-    result: State = {}
-    for part in state.parts:
-        result.setdefault(part.layer, {})[part.part] = tensors.to_numpy(part.value)
-    return result
