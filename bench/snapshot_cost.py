@@ -61,7 +61,7 @@ def measure(args, flags: list[str], snapshots: Path) -> tuple[float, int]:
     command += ["--port", str(args.port), "--log-level", "WARNING", *flags]
     server = subprocess.Popen(command, cwd=REPO_ROOT)
     try:
-        return asyncio.run(drive(args)), _size(snapshots / f"{MODEL}.snapshot")
+        return asyncio.run(drive(args)), _size(snapshots / f"{MODEL}@1.snapshot")
     finally:
         server.terminate()
         server.wait(60)

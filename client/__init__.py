@@ -8,9 +8,11 @@ from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     SeqServeError,
     StepOutOfOrderError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .retries import NO_RETRIES, RetryPolicy
@@ -25,6 +27,7 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SeqServeError",
@@ -33,5 +36,6 @@ __all__ = [
     "StatePartInfo",
     "StepOutOfOrderError",
     "TensorInfo",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -52,6 +52,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     state: tuple[StatePartInfo, ...]
     outputs_per_timestep: bool
+    version: int = 1
 
     @classmethod
     def from_proto(cls, info: pb.ModelInfo) -> "ModelInfo":
@@ -69,6 +70,7 @@ class ModelInfo:
                 for p in info.state
             ),
             outputs_per_timestep=info.outputs_per_timestep,
+            version=info.version,
         )
 
 
@@ -80,6 +82,12 @@ class Client:
     repeated (`retries.NO_RETRIES`: never). With `numbered_steps`, each
     session numbers its unary steps, so that a step whose reply was lost is
     retried and still applies exactly once (see `Session`).
+
+    TLS is on with `tls=True` or any certificate given (PEM bytes):
+    `root_certificates` to trust the server's (default: the system's),
+    `certificate_chain` and `private_key` for a server that requires client
+    certificates. `token` is sent as `authorization: Bearer <token>` on every
+    call. `max_message_bytes` raises gRPC's 4 MiB limit on replies.
     """
 
     def __init__(
@@ -90,12 +98,28 @@ class Client:
         retry: RetryPolicy = retries.DEFAULT_RETRIES,
         numbered_steps: bool = True,
         channel: grpc.Channel | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+        max_message_bytes: int | None = None,
     ):
-        self._channel = channel or grpc.insecure_channel(target)
+        options = []
+        if max_message_bytes is not None:
+            options.append(("grpc.max_receive_message_length", max_message_bytes))
+            options.append(("grpc.max_send_message_length", max_message_bytes))
+        if channel is None and (tls or root_certificates or certificate_chain):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates, private_key, certificate_chain
+            )
+            channel = grpc.secure_channel(target, credentials, options)
+        self._channel = channel or grpc.insecure_channel(target, options)
         self._stub = pb_grpc.SequenceServiceStub(self._channel)
         self.timeout_s = timeout_s
         self.retry = retry
         self.numbered_steps = numbered_steps
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def list_models(self) -> list[ModelInfo]:
         reply = self._call(
@@ -129,10 +153,20 @@ class Client:
         return session
 
     def start_session(
-        self, model: str, *, session_id: str = "", state: State | None = None
+        self,
+        model: str,
+        *,
+        session_id: str = "",
+        state: State | None = None,
+        version: int = 0,
     ) -> "Session":
-        """Starts a session from zeros, or from `state`. Not idempotent."""
-        request = pb.StartSessionRequest(model=model, session_id=session_id)
+        """Starts a session from zeros, or from `state`. Not idempotent.
+
+        `version` 0 is the model's newest; the session stays on the version it
+        starts on (`session.model.version`) until it ends."""
+        request = pb.StartSessionRequest(
+            model=model, session_id=session_id, version=version
+        )
         if state is not None:
             request.initial_state.CopyFrom(state_to_proto(state))
         reply = self._call(self._stub.StartSession, request)
@@ -189,7 +223,10 @@ class Client:
                 )
 
         try:
-            for outcome in self._stub.StepStream(requests(), timeout=None):
+            replies = self._stub.StepStream(
+                requests(), timeout=None, metadata=self._metadata
+            )
+            for outcome in replies:
                 session = sent.get()
                 if outcome.HasField("error"):
                     error = outcome.error
@@ -220,4 +257,5 @@ class Client:
             timeout_s=self.timeout_s,
             policy=self.retry,
             retry_on=retry_on,
+            metadata=self._metadata,
         )

@@ -63,6 +63,14 @@ class StepOutOfOrderError(SeqServeError):
         )
 
 
+class UnauthenticatedError(SeqServeError):
+    """The call carried no token, or one the server does not know."""
+
+
+class PermissionDeniedError(SeqServeError):
+    """The session was started by other credentials; only they may use it."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -71,6 +79,8 @@ _BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 EXPECTED_STEP_KEY = "seqserve-expected-step"
 

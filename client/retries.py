@@ -67,6 +67,7 @@ def call(
     timeout_s: float | None,
     policy: RetryPolicy,
     retry_on: frozenset = frozenset(),
+    metadata=None,
 ):
     """`method(request)`, repeated on the codes in `retry_on` within the policy;
     raises the typed error of the last attempt."""
@@ -77,7 +78,7 @@ def call(
         remaining_s = deadline - time.monotonic()
         timeout = remaining_s if timeout_s is None else min(timeout_s, remaining_s)
         try:
-            return method(request, timeout=max(timeout, 0.001))
+            return method(request, timeout=max(timeout, 0.001), metadata=metadata)
         except grpc.RpcError as rpc_error:
             error: SeqServeError = from_rpc_error(rpc_error)
         pause_s = policy.backoff_s(attempt)

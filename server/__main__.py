@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(config.log_level, config.log_format)
     try:
         app = App(config)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, ValueError) as error:
         logging.getLogger("seqserve.server").error("%s", error)
         return 1
     stop = threading.Event()

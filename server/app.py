@@ -17,7 +17,9 @@ from .core import SequenceCore
 from .discovery import Health, enable_reflection
 from .errors import Unavailable
 from .metrics import Metrics
-from .models import load_model_dir
+from .model_versions import VersionWatcher, loader
+from .models import ServedModel
+from .security import interceptors, listen, server_credentials, server_options
 from .servicer import SequenceServicer
 from .session_admin import SessionAdmin
 from .snapshots import Snapshotter, restore_all
@@ -49,6 +51,19 @@ class App:
         # for the GIL that long (measured on one session: p50 1.6 ms, p99 7.3 ms
         # per Step; at 50 us: 1.1 ms and 1.8 ms).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        # Token and certificate files are read first: a typo there should not
+        # wait for every model to load.
+        self._auth = interceptors(config)
+        self._credentials = server_credentials(config)
+        self.watcher = VersionWatcher(
+            config.model_dir,
+            config.model_poll_interval_s,
+            loader(
+                config.allow_unsafe_deserialization,
+                config.execution,
+                config.max_batch_size,
+            ),
+        )
         self.metrics = Metrics()
         self.core = None
         self.snapshotter: Snapshotter | None = None
@@ -60,11 +75,16 @@ class App:
             self.server.stop(0).wait()
             self.metrics.stop()
             raise
+        if config.model_poll_interval_s > 0:
+            self.watcher.start(
+                self.core.versions.newest_version, self.core.versions.add
+            )
         self.health.serving()
         if self.snapshotter is not None:
             self.snapshotter.start()
         log.info(
-            "serving models %s: all loaded and warmed up", sorted(self.core.models)
+            "serving models %s: all loaded and warmed up",
+            [f"{m.name} v{m.version}" for m in self.core.versions.all()],
         )
 
     def _listen(self) -> None:
@@ -74,7 +94,8 @@ class App:
                 max_workers=config.worker_threads, thread_name_prefix="grpc"
             ),
             maximum_concurrent_rpcs=None,
-            options=SERVER_OPTIONS,
+            options=SERVER_OPTIONS + server_options(config),
+            interceptors=self._auth,
         )
         self._sequence = SequenceServicer(loading, self.metrics)
         self._admin = AdminServicer(loading, self.metrics)
@@ -85,10 +106,7 @@ class App:
         self.health = Health(self.server)
         enable_reflection(self.server)
         address = f"{config.host}:{config.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
+        self.port = listen(self.server, address, self._credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
@@ -117,13 +135,8 @@ class App:
         self._sequence.core = self.core
         self._admin.admin = SessionAdmin(self.core)
 
-    def _load_models(self):
-        return load_model_dir(
-            self.config.model_dir,
-            self.config.allow_unsafe_deserialization,
-            self.config.execution,
-            self.config.max_batch_size,
-        )
+    def _load_models(self) -> list[ServedModel]:
+        return self.watcher.load_newest()
 
     def _restore_sessions(self) -> Snapshotter | None:
         if not self.config.snapshot_dir:
@@ -137,6 +150,7 @@ class App:
         """Reports NOT_SERVING, refuses new calls, lets calls in flight finish,
         writes the snapshot (with a snapshot directory), then stops the
         executors."""
+        self.watcher.stop()
         self.health.draining()
         self.server.stop(grace_s).wait()
         self.metrics.stop()

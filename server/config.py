@@ -37,6 +37,22 @@ class Config:
     # Seconds between periodic snapshots; 0: only at shutdown.
     snapshot_interval_s: float = 0.0
     log_level: str = "INFO"
+    # Seconds between looks for new model versions in model_dir; 0 is off.
+    model_poll_interval_s: float = 5.0
+    # TLS: a PEM certificate chain and its key; with a client CA, every client
+    # must present a certificate signed by it (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Bearer tokens, one `name token` per line; the file keeps them out of `ps`.
+    token_file: Path | None = None
+    # Tokens for seqserve.v1.AdminService; without it, admin calls take the above.
+    admin_token_file: Path | None = None
+    # Bytes in one gRPC message, each way (gRPC's own default is 4 MiB).
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Live sessions started by one client (its identity, or its address when
+    # auth is off); 0 is no limit beyond max_sessions.
+    max_sessions_per_client: int = 0
     log_format: str = "text"  # "text", or "json": one JSON object per line
     # Prometheus metrics over HTTP on this port (same host); None is off, 0 any.
     metrics_port: int | None = None
@@ -112,6 +128,44 @@ class Config:
         )
         policies = ("refuse", "evict-lru")
         _require(self.when_full in policies, "when_full", policies, self.when_full)
+        self._check_security()
+
+    def _check_security(self) -> None:
+        _require(
+            0 <= self.model_poll_interval_s <= 86_400,
+            "model_poll_interval_s",
+            "0 (off) to 86400",
+            self.model_poll_interval_s,
+        )
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file and tls_key_file",
+            "both or neither",
+            (self.tls_cert_file, self.tls_key_file),
+        )
+        _require(
+            self.tls_client_ca_file is None or self.tls_cert_file is not None,
+            "tls_client_ca_file",
+            "set only with tls_cert_file and tls_key_file (mutual TLS needs TLS)",
+            self.tls_client_ca_file,
+        )
+        _require(
+            1024 <= self.max_message_bytes <= 2**31 - 1,
+            "max_message_bytes",
+            "1024 to 2147483647",
+            self.max_message_bytes,
+        )
+        _require(
+            self.max_sessions_per_client >= 0,
+            "max_sessions_per_client",
+            "0 (no limit) or more",
+            self.max_sessions_per_client,
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether calls carry an identity: a token, or a client certificate."""
+        return self.token_file is not None or self.tls_client_ca_file is not None
 
     @classmethod
     def from_args(
@@ -150,7 +204,7 @@ def _convert(field: dataclasses.Field, raw: object) -> object:
             if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
                 raise ValueError(text)
             return text.lower() in ("1", "true", "yes")
-        if field.type is Path:
+        if field.type in (Path, Path | None):
             return Path(text)
         if field.type == int | None:
             return None if text.lower() == "off" else int(text)

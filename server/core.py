@@ -6,7 +6,7 @@ the state-touching work to the model's executor and waits for it.
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -25,6 +25,7 @@ from .executor import (
     StepResult,
     StoreOp,
 )
+from .loaded_versions import LoadedVersions
 from .logs import about
 from .metrics import Metrics
 from .models import ServedModel
@@ -34,6 +35,7 @@ from .sessions import (
     Session,
     SessionRegistry,
     SessionsFull,
+    ended_message,
 )
 from .validation import StateEntry, check_inputs, check_state
 
@@ -41,28 +43,35 @@ log = logging.getLogger(__name__)
 
 
 class SequenceCore:
-    """Thread-safe: any number of callers may use it at once."""
+    """Thread-safe: any number of callers may use it at once.
+
+    `caller` arguments name the identity making a call (None when auth is off):
+    a session started by one identity is refused to every other.
+    """
 
     def __init__(
         self,
-        models: dict[str, ServedModel],
+        models: Mapping[str, ServedModel] | Iterable[ServedModel],
         config: Config,
         metrics: Metrics | None = None,
     ):
-        self.models = models
         self.config = config
         self.metrics = Metrics() if metrics is None else metrics
-        self.sessions = SessionRegistry(config.max_sessions)
-        self._executors = {
-            name: ModelExecutor(
+        self.sessions = SessionRegistry(
+            config.max_sessions, config.max_sessions_per_client
+        )
+        on_device = _states_on_device(config)
+        self.versions = LoadedVersions(
+            lambda model: ModelExecutor(
                 model,
                 config.max_batch_size,
                 config.max_batch_wait_ms,
-                state_on_device=_states_on_device(config),
-                stats=self.metrics.stats_for(name),
+                state_on_device=on_device,
+                stats=self.metrics.stats_for(model.name),
             )
-            for name, model in models.items()
-        }
+        )
+        for model in models.values() if isinstance(models, Mapping) else models:
+            self.versions.add(model)
         self.metrics.attach(self)
         self._stopping = threading.Event()
         self._reaper = None
@@ -72,42 +81,59 @@ class SequenceCore:
             )
             self._reaper.start()
 
-    def model(self, name: str) -> ServedModel:
-        if not name:
-            raise InvalidArgument(
-                "model: expected a model name, received none; loaded models: "
-                f"{sorted(self.models)}"
-            )
-        model = self.models.get(name)
-        if model is None:
-            raise NotFound(
-                f"model {name!r} is not loaded; loaded models: {sorted(self.models)}"
-            )
-        return model
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The newest version of each model: the one new sessions start on."""
+        return self.versions.newest
+
+    def model(self, name: str, version: int = 0) -> ServedModel:
+        return self.versions.find(name, version)
 
     def start_session(
-        self, model_name: str, session_id: str, state: list[StateEntry] | None
+        self,
+        model_name: str,
+        session_id: str,
+        state: list[StateEntry] | None,
+        version: int = 0,
+        caller: str | None = None,
+        client: str = "",
     ) -> tuple[Session, ServedModel]:
-        model = self.model(model_name)
-        values = None if state is None else check_state(model, state, "initial_state")
-        session = self._admit(model.name, session_id)
+        """On `version` of the model (0: the newest). `client` is what the
+        per-client session limit counts."""
+        model = self.versions.acquire(model_name, version)
+        try:
+            values = (
+                None if state is None else check_state(model, state, "initial_state")
+            )
+            session = self._admit(model.name, session_id, caller, client)
+        except BaseException:
+            self.versions.release(_key(model))
+            raise
         session.version = model.version
         try:
             self._run(StateOp("start", session, values))
         except BaseException:
             self.sessions.discard(session)
+            self.versions.release(_key(model))
             raise
         self.sessions.activate(session)
         self.metrics.session_started(model.name)
-        log.debug("session started on model %r", model.name, extra=about(session))
+        log.debug(
+            "session started on model %r version %d",
+            model.name,
+            model.version,
+            extra=about(session),
+        )
         return session, model
 
-    def _admit(self, model_name: str, session_id: str) -> Session:
+    def _admit(
+        self, model_name: str, session_id: str, caller: str | None, client: str
+    ) -> Session:
         """Reserves a session, evicting the least recently used one when full
         and the policy says so (a few tries: concurrent starts may take the room)."""
         for _ in range(3):
             try:
-                return self.sessions.add(model_name, session_id)
+                return self.sessions.add(model_name, session_id, caller, client)
             except SessionsFull:
                 if self.config.when_full != "evict-lru":
                     raise
@@ -115,7 +141,7 @@ class SequenceCore:
                 if victim is not None:
                     log.debug("session evicted to make room", extra=about(victim))
                     self.release_ended(victim, "evicted")
-        return self.sessions.add(model_name, session_id)
+        return self.sessions.add(model_name, session_id, caller, client)
 
     def step(
         self,
@@ -124,10 +150,11 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
         **call: Any,
     ) -> tuple[ServedModel, StepResult]:
         model, future = self.submit_step(
-            session_id, inputs, state, reset, return_state, **call
+            session_id, inputs, state, reset, return_state, caller, **call
         )
         return model, future.result()
 
@@ -138,6 +165,7 @@ class SequenceCore:
         state: list[StateEntry] | None = None,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
         step_number: int = 0,
         deadline_s: float | None = None,
         cancelled: Callable[[], bool] | None = None,
@@ -151,8 +179,8 @@ class SequenceCore:
             raise InvalidArgument(
                 f"step_number: expected 0 (unnumbered) or more, received {step_number}"
             )
-        session = self.sessions.get(session_id)
-        model = self.models[session.model]
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
         if reset and state is not None:
             raise InvalidArgument(
@@ -161,7 +189,7 @@ class SequenceCore:
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
         op.step_number, op.deadline_s, op.cancelled = step_number, deadline_s, cancelled
-        return model, self._executors[model.name].submit(op)
+        return model, self._submit(session, op)
 
     def step_many(
         self,
@@ -169,17 +197,20 @@ class SequenceCore:
         inputs: np.ndarray,
         reset: bool = False,
         return_state: bool = False,
+        caller: str | None = None,
         deadline_s: float | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[ServedModel, ManyStepResult]:
-        """Steps distinct sessions of one model as one batch; all or nothing."""
-        sessions = self._distinct_sessions(session_ids)
-        model = self.models[sessions[0].model]
-        others = [s for s in sessions if s.model != model.name]
+        """Steps distinct sessions of one model version as one batch; all or
+        nothing."""
+        sessions = self._distinct_sessions(session_ids, caller)
+        model, _ = self._runtime(sessions[0])
+        others = [s for s in sessions if _key(s) != _key(model)]
         if others:
             raise InvalidArgument(
-                f"session_ids: expected sessions of one model, received sessions "
-                f"of {model.name!r} and {others[0].model!r} ({others[0].id!r})"
+                f"session_ids: expected sessions of one model version, received "
+                f"sessions of {model.name!r} version {model.version} and "
+                f"{others[0].model!r} version {others[0].version} ({others[0].id!r})"
             )
         check_inputs(
             model,
@@ -191,22 +222,28 @@ class SequenceCore:
         op.deadline_s, op.cancelled = deadline_s, cancelled
         return model, self._run(op)
 
-    def write_state(self, session_id: str, state: list[StateEntry] | None) -> None:
+    def write_state(
+        self,
+        session_id: str,
+        state: list[StateEntry] | None,
+        caller: str | None = None,
+    ) -> None:
         """Reset (state None: zeros) or set a session's state."""
-        session = self.sessions.get(session_id)
-        model = self.models[session.model]
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         values = None if state is None else check_state(model, state, "state")
         self._run(StateOp("write", session, values))
 
-    def read_state(self, session_id: str):
+    def read_state(self, session_id: str, caller: str | None = None):
         """(model, state, timesteps, step number) of a session."""
-        session = self.sessions.get(session_id)
+        session = self.sessions.get(session_id, caller)
+        model, _ = self._runtime(session)
         values, timesteps, step_number = self._run(StateOp("read", session))
-        return self.models[session.model], values, timesteps, step_number
+        return model, values, timesteps, step_number
 
-    def end_session(self, session_id: str) -> int:
+    def end_session(self, session_id: str, caller: str | None = None) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
-        session = self.sessions.remove(session_id, ENDED_BY_CLIENT)
+        session = self.sessions.remove(session_id, ENDED_BY_CLIENT, caller)
         self.metrics.session_ended(session.model, "closed")
         log.debug("session ended by the client", extra=about(session))
         return self.release(session)
@@ -214,20 +251,27 @@ class SequenceCore:
     def release(self, session: Session) -> int:
         """Frees an ended session's state once its submitted steps have applied;
         returns its timesteps."""
-        return self._run(StateOp("release", session))
+        return self._release(session).result()
 
-    def export_session(self, session_id: str) -> bytes:
+    def export_session(self, session_id: str, caller: str | None = None) -> bytes:
         """The session in the snapshot format; it stays live."""
-        return snapshots.export_session(self, session_id)
+        session = self.sessions.get(session_id, caller)
+        return snapshots.export_session(self, session)
 
-    def import_session(self, data: bytes) -> tuple[Session, ServedModel]:
-        """Creates an exported session under its own id; all or nothing."""
-        return snapshots.import_session(self, data)
+    def import_session(
+        self, data: bytes, caller: str | None = None, client: str = ""
+    ) -> tuple[Session, ServedModel]:
+        """Creates an exported session under its own id, owned by `caller`;
+        all or nothing."""
+        return snapshots.import_session(self, data, caller, client)
 
     def queue_depth(self, model_name: str) -> int:
-        return self._executors[model_name].queued()
+        """Operations queued for every loaded version of the model."""
+        return sum(executor.queued() for _, executor in self.versions.of(model_name))
 
-    def _distinct_sessions(self, session_ids: list[str]) -> list[Session]:
+    def _distinct_sessions(
+        self, session_ids: list[str], caller: str | None
+    ) -> list[Session]:
         if not session_ids:
             raise InvalidArgument("session_ids: expected at least one, received none")
         if len(set(session_ids)) != len(session_ids):
@@ -236,21 +280,45 @@ class SequenceCore:
             raise InvalidArgument(
                 f"session_ids: expected distinct sessions, received {twice!r} twice"
             )
-        return self.sessions.get_many(session_ids)
+        return self.sessions.get_many(session_ids, caller)
 
     def close(self) -> None:
         self._stopping.set()
-        for executor in self._executors.values():
-            executor.close()
+        self.versions.close()
 
-    def run_on_model(self, model: str, apply, sessions=()):
-        """Runs `apply(store)` on the model's executor thread, in order with the
-        other operations of `sessions`; returns its result."""
-        return self._executors[model].submit(StoreOp(apply, list(sessions))).result()
+    def _runtime(self, session: Session) -> tuple[ServedModel, ModelExecutor]:
+        """The session's model version and its executor."""
+        entry = self.versions.get(_key(session))
+        if entry is None:  # unloaded: its last session ended meanwhile
+            reason = session.end_reason or ENDED_BY_CLIENT
+            raise NotFound(ended_message(session.id, reason))
+        return entry
+
+    def run_on_model(self, model: ServedModel, apply, sessions=()):
+        """Runs `apply(store)` on the executor of the model's version, in order
+        with the other operations of `sessions`; returns its result."""
+        entry = self.versions.get(_key(model))
+        if entry is None:
+            raise NotFound(f"model {model.name!r} version {model.version} is gone")
+        return entry[1].submit(StoreOp(apply, list(sessions))).result()
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
-        model = op.sessions[0].model if isinstance(op, ManyStepOp) else op.session.model
-        return self._executors[model].submit(op).result()
+        session = op.sessions[0] if isinstance(op, ManyStepOp) else op.session
+        return self._submit(session, op).result()
+
+    def _submit(self, session: Session, op) -> Future:
+        _, executor = self._runtime(session)
+        try:
+            return executor.submit(op)
+        except Unavailable:
+            self._runtime(session)  # NotFound if its version was just unloaded
+            raise
+
+    def _release(self, session: Session) -> Future:
+        """Frees the session's state row; the version then counts it gone."""
+        future = self._submit(session, StateOp("release", session))
+        future.add_done_callback(lambda _: self.versions.release(_key(session)))
+        return future
 
     def _reap_idle(self) -> None:
         # A session expires between idle_timeout_s and 1.25 times that after its
@@ -265,10 +333,15 @@ class SequenceCore:
         """Frees the state of a session that nobody waits for (expired, evicted)."""
         self.metrics.session_ended(session.model, reason)
         try:
-            future = self._executors[session.model].submit(StateOp("release", session))
+            future = self._release(session)
         except Unavailable:
             return  # shutting down: the whole store goes with the executor
         future.add_done_callback(_log_failure)
+
+
+def _key(item: Session | ServedModel) -> tuple[str, int]:
+    name = item.model if isinstance(item, Session) else item.name
+    return name, item.version
 
 
 def _states_on_device(config: Config) -> bool:

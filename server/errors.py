@@ -65,5 +65,9 @@ class StepOutOfOrder(SeqServeError):
 EXPECTED_STEP_KEY = "seqserve-expected-step"
 
 
+class PermissionDenied(SeqServeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ModelRefused(Exception):
     """A model file that cannot be served; the message names the layer and why."""

@@ -8,6 +8,7 @@ Session lifecycle and rejections are rare enough for ordinary counters.
 
 import bisect
 import itertools
+import threading
 import time
 
 import grpc
@@ -58,9 +59,12 @@ class BulkHistogram:
 
 
 class ModelStats:
-    """What one model's executor served; written only by that executor's thread."""
+    """What one model's executors served. Every version of a model has its own
+    executor thread and all of them write here, hence the lock (one uncontended
+    acquire per batch)."""
 
     def __init__(self):
+        self._lock = threading.Lock()
         self.steps = 0
         self.timesteps = 0
         self.step_latency_s = BulkHistogram(LATENCY_BUCKETS_S)
@@ -70,10 +74,11 @@ class ModelStats:
         """One executed batch of StepOps: counts, latencies and each session's
         step count and time of last step."""
         now, used_s = time.perf_counter(), time.monotonic()
-        self.steps += len(ops)
-        self.timesteps += sum(len(op.inputs) for op in ops)
-        self.batch_size.observe((len(ops),))
-        self.step_latency_s.observe([now - op.submitted_s for op in ops])
+        with self._lock:
+            self.steps += len(ops)
+            self.timesteps += sum(len(op.inputs) for op in ops)
+            self.batch_size.observe((len(ops),))
+            self.step_latency_s.observe([now - op.submitted_s for op in ops])
         for op in ops:
             session = op.session
             session.steps += 1
@@ -82,10 +87,12 @@ class ModelStats:
     def record_many(self, op) -> None:
         """One executed StepMany: a step of each of its sessions."""
         sessions = len(op.sessions)
-        self.steps += sessions
-        self.timesteps += sessions * op.inputs.shape[1]
-        self.batch_size.observe((sessions,))
-        self.step_latency_s.observe([time.perf_counter() - op.submitted_s] * sessions)
+        with self._lock:
+            self.steps += sessions
+            self.timesteps += sessions * op.inputs.shape[1]
+            self.batch_size.observe((sessions,))
+            latency_s = time.perf_counter() - op.submitted_s
+            self.step_latency_s.observe([latency_s] * sessions)
         used_s = time.monotonic()
         for session in op.sessions:
             session.steps += 1

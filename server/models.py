@@ -1,8 +1,8 @@
 """Loads model files, checks that they stream, and runs them on batches.
 
-Each model file in the model directory becomes one `ServedModel`, named after
-the file's stem. A file that cannot be served is refused with a log line that
-names the layer and why; the others still load.
+Each model file becomes one `ServedModel` (which files, and which version each
+is, is `model_versions`' business). A file that cannot be served is refused
+with a log line that names the layer and why; the others still load.
 """
 
 import dataclasses
@@ -174,42 +174,47 @@ class ServedModel:
             _compare(index, whole, expected)
 
 
-def load_model_dir(
-    model_dir: Path, allow_unsafe: bool, execution: str = "auto", large_batch: int = 256
-) -> dict[str, ServedModel]:
-    """Loads every model file in `model_dir`; refused files are logged and skipped."""
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
-    models: dict[str, ServedModel] = {}
-    for path in sorted(model_dir.iterdir()):
-        if path.suffix not in MODEL_SUFFIXES:
-            continue
-        if path.stem in models:
-            log.error("refused %s: a model named %r is already loaded", path, path.stem)
-            continue
-        try:
-            models[path.stem] = load_model_file(
-                path, allow_unsafe, execution, large_batch
-            )
-        except ModelRefused as refusal:
-            log.error("refused %s: %s", path, refusal)
-        except Exception:  # a model we failed to foresee must not stop the others
-            log.exception("refused %s: unexpected error while loading it", path)
-    return models
+def try_load_model_file(
+    path: Path,
+    allow_unsafe: bool,
+    execution: str = "auto",
+    large_batch: int = 256,
+    name: str | None = None,
+    version: int = 1,
+) -> ServedModel | None:
+    """As `load_model_file`, but a refusal is logged and gives None."""
+    try:
+        return load_model_file(
+            path, allow_unsafe, execution, large_batch, name, version
+        )
+    except ModelRefused as refusal:
+        log.error("refused %s: %s", path, refusal)
+    except Exception:  # a model we failed to foresee must not stop the others
+        log.exception("refused %s: unexpected error while loading it", path)
+    return None
 
 
 def load_model_file(
-    path: Path, allow_unsafe: bool, execution: str = "auto", large_batch: int = 256
+    path: Path,
+    allow_unsafe: bool,
+    execution: str = "auto",
+    large_batch: int = 256,
+    name: str | None = None,
+    version: int = 1,
 ) -> ServedModel:
-    """Raises ModelRefused with the reason when the file cannot be served."""
+    """Raises ModelRefused with the reason when the file cannot be served.
+
+    The model is named after the file's stem unless `name` is given."""
     started = time.perf_counter()
     model = _read(path, allow_unsafe)
-    served = ServedModel(path.stem, model, allow_unsafe, execution)
+    served = ServedModel(name or path.stem, model, allow_unsafe, execution, version)
     served.self_check()
     served.choose_execution(large_batch)
     log.info(
-        "loaded model %r from %s in %.1f s: input %s %s, state %s, runs on %s",
+        "loaded model %r version %d from %s in %.1f s: input %s %s, state %s, "
+        "runs on %s",
         served.name,
+        served.version,
         path,
         time.perf_counter() - started,
         served.input.dtype.name,

@@ -16,6 +16,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from . import tensors
+from .auth import caller_of, identity_of
 from .core import SequenceCore
 from .errors import SeqServeError, StepOutOfOrder
 from .metrics import Metrics
@@ -58,20 +59,26 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def ListModels(self, request, context):
-        models = [model_info(m) for _, m in sorted(self.core.models.items())]
+        models = [model_info(m) for m in self.core.versions.all()]
         return pb.ListModelsResponse(models=models)
 
     @_statuses
     def StartSession(self, request, context):
         state = _state(request, "initial_state")
+        caller = caller_of(context)
         session, model = self.core.start_session(
-            request.model, request.session_id, state
+            request.model,
+            request.session_id,
+            state,
+            request.version,
+            caller.identity,
+            caller.client,
         )
         return pb.StartSessionResponse(session_id=session.id, model=model_info(model))
 
     @_statuses
     def Step(self, request, context):
-        model, future = self._submit(request, context)
+        model, future = self._submit(request, identity_of(context), context)
         return _step_reply(model, future.result())
 
     @_statuses
@@ -82,6 +89,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             inputs,
             reset=request.reset,
             return_state=request.return_state,
+            caller=identity_of(context),
             **_call_limits(context),
         )
         reply = pb.StepManyResponse(
@@ -100,31 +108,32 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
         pending: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
         threading.Thread(
             target=self._submit_stream,
-            args=(request_iterator, pending, context),
+            args=(request_iterator, pending, context, identity_of(context)),
             name="stream-reader",
             daemon=True,
         ).start()
         while (item := _next(pending, context)) is not _END_OF_STREAM:
             yield _outcome(item, self.metrics)
 
-    def _submit_stream(self, requests, pending: queue.Queue, context) -> None:
+    def _submit_stream(self, requests, pending: queue.Queue, context, caller) -> None:
         try:
             for request in requests:
-                if not _put(pending, self._submit_step(request, context), context):
+                step = self._submit_step(request, caller, context)
+                if not _put(pending, step, context):
                     return
         except grpc.RpcError:
             pass  # the client went away; nothing waits for the replies
         finally:
             _put(pending, _END_OF_STREAM, context)
 
-    def _submit_step(self, request, context):
+    def _submit_step(self, request, caller, context):
         """(model, future) for an accepted step, or the error that refused it."""
         try:
-            return self._submit(request, context)
+            return self._submit(request, caller, context)
         except Exception as error:
             return error
 
-    def _submit(self, request, context):
+    def _submit(self, request, caller, context):
         """Decodes and submits one StepRequest; raises if it is refused."""
         return self.core.submit_step(
             request.session_id,
@@ -132,18 +141,22 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             state=_state(request, "state"),
             reset=request.reset,
             return_state=request.return_state,
+            caller=caller,
             step_number=request.step_number,
             **_call_limits(context),
         )
 
     @_statuses
     def Reset(self, request, context):
-        self.core.write_state(request.session_id, _state(request, "state"))
+        state = _state(request, "state")
+        self.core.write_state(request.session_id, state, identity_of(context))
         return pb.ResetResponse()
 
     @_statuses
     def GetState(self, request, context):
-        model, values, timesteps, step_number = self.core.read_state(request.session_id)
+        model, values, timesteps, step_number = self.core.read_state(
+            request.session_id, identity_of(context)
+        )
         return pb.GetStateResponse(
             state=encode_state(model, values),
             timesteps=timesteps,
@@ -153,23 +166,25 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     @_statuses
     def SetState(self, request, context):
         state = _state(request, "state") or []  # absent: refused as missing parts
-        self.core.write_state(request.session_id, state)
+        self.core.write_state(request.session_id, state, identity_of(context))
         return pb.SetStateResponse()
 
     @_statuses
     def EndSession(self, request, context):
-        return pb.EndSessionResponse(
-            timesteps=self.core.end_session(request.session_id)
-        )
+        timesteps = self.core.end_session(request.session_id, identity_of(context))
+        return pb.EndSessionResponse(timesteps=timesteps)
 
     @_statuses
     def ExportSession(self, request, context):
-        data = self.core.export_session(request.session_id)
+        data = self.core.export_session(request.session_id, identity_of(context))
         return pb.ExportSessionResponse(session=data)
 
     @_statuses
     def ImportSession(self, request, context):
-        session, model = self.core.import_session(request.session)
+        caller = caller_of(context)
+        session, model = self.core.import_session(
+            request.session, caller.identity, caller.client
+        )
         return pb.ImportSessionResponse(
             session_id=session.id,
             model=model_info(model),
@@ -276,6 +291,7 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
 
     return pb.ModelInfo(
         name=model.name,
+        version=model.version,
         input=spec(model.input),
         outputs=[spec(o) for o in model.outputs],
         state=[

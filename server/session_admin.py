@@ -5,7 +5,7 @@ import logging
 from .core import SequenceCore
 from .errors import InvalidArgument
 from .logs import about
-from .sessions import EVICTED_BY_OPERATOR, Session
+from .sessions import EVICTED_BY_OPERATOR, OPERATOR, Session
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SessionAdmin:
     def evict(self, session_id: str) -> int:
         """Ends a live session; returns its timesteps. Its later calls are
         NOT_FOUND, saying it was evicted."""
-        session = self.core.sessions.remove(session_id, EVICTED_BY_OPERATOR)
+        session = self.core.sessions.remove(session_id, EVICTED_BY_OPERATOR, OPERATOR)
         log.info("session evicted by an operator", extra=about(session))
         self.core.metrics.session_ended(session.model, "evicted")
         return self.core.release(session)

@@ -12,6 +12,7 @@ from .errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     SeqServeError,
 )
@@ -50,22 +51,34 @@ class Session:
     step_number: int = 0
     # The reply of the last step if it was numbered, returned again on a repeat.
     last_reply: object = None
+    # The identity that started it, the only one that may use it; None when
+    # auth is off. `client` is what the per-client limit counts.
+    owner: str | None = None
+    client: str = ""
 
 
 class SessionRegistry:
     """Thread-safe. Knows why a session is gone: ended, expired, or never known."""
 
-    def __init__(self, max_sessions: int):
+    def __init__(self, max_sessions: int, max_per_client: int = 0):
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client  # 0: no limit
         self._lock = threading.Lock()
         # In order of last use, least recent first (for --when-full evict-lru).
         self._live: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def add(self, model: str, session_id: str) -> Session:
+    def add(
+        self,
+        model: str,
+        session_id: str,
+        owner: str | None = None,
+        client: str = "",
+    ) -> Session:
         """Reserves the id (minted when empty); invisible to `get` until `activate`."""
         if session_id:
             _check_format(session_id)
@@ -81,11 +94,34 @@ class SessionRegistry:
                     f"the server holds its maximum of {self.max_sessions} sessions; "
                     "end idle sessions or raise --max-sessions"
                 )
+            self._check_client_limit(client)
             session_id = session_id or _mint(self._live)
             self._ended.pop(session_id, None)
-            session = Session(session_id, model, created_s=now, last_used_s=now)
+            session = Session(
+                session_id,
+                model,
+                created_s=now,
+                last_used_s=now,
+                owner=owner,
+                client=client,
+            )
             self._live[session_id] = session
+            self._per_client[client] += 1
             return session
+
+    def _check_client_limit(self, client: str) -> None:
+        held = self._per_client[client]
+        if self.max_per_client and held >= self.max_per_client:
+            raise ResourceExhausted(
+                f"client {client!r} holds its maximum of {self.max_per_client} "
+                "sessions (--max-sessions-per-client); end some of them first"
+            )
+
+    def _drop(self, session: Session) -> None:
+        del self._live[session.id]
+        self._per_client[session.client] -= 1
+        if not self._per_client[session.client]:
+            del self._per_client[session.client]
 
     def activate(self, session: Session) -> None:
         with self._lock:
@@ -95,25 +131,32 @@ class SessionRegistry:
         """Drops a session whose start failed; nobody has seen it, so none is kept."""
         with self._lock:
             if self._live.get(session.id) is session:
-                del self._live[session.id]
+                self._drop(session)
 
-    def get(self, session_id: str) -> Session:
-        """Returns the live session and marks it used."""
+    def get(self, session_id: str, caller: str | None = None) -> Session:
+        """Returns the live session and marks it used; `caller` is the identity
+        calling, refused unless it started the session (when auth is on)."""
         _check_given(session_id)
         with self._lock:
-            session = self._started(session_id)
+            session = self._owned(session_id, caller)
             session.last_used_s = time.monotonic()
             self._live.move_to_end(session_id)
             return session
 
-    def get_many(self, session_ids: list[str]) -> list[Session]:
+    def get_many(
+        self, session_ids: list[str], caller: str | None = None
+    ) -> list[Session]:
         """As `get` for each id, under one lock; errors name the item's index."""
         now = time.monotonic()
         with self._lock:
             sessions = [self._live.get(i) for i in session_ids]
             for index, session in enumerate(sessions):
-                if session is None or not session.started:
-                    self._refuse_item(index, session_ids[index])
+                if (
+                    session is None
+                    or not session.started
+                    or not _usable_by(session, caller)
+                ):
+                    self._refuse_item(index, session_ids[index], caller)
                 session.last_used_s = now
                 self._live.move_to_end(session.id)
             return sessions
@@ -123,18 +166,20 @@ class SessionRegistry:
         with self._lock:
             return [s for s in self._live.values() if s.model == model and s.started]
 
-    def _refuse_item(self, index: int, session_id: str) -> NoReturn:
+    def _refuse_item(self, index: int, session_id: str, caller: str | None) -> NoReturn:
         try:
             _check_given(session_id)
-            self._started(session_id)
+            self._owned(session_id, caller)
         except SeqServeError as error:
             raise type(error)(f"session_ids[{index}]: {error}") from None
 
-    def remove(self, session_id: str, reason: str) -> Session:
+    def remove(
+        self, session_id: str, reason: str, caller: "str | None | Operator" = None
+    ) -> Session:
         _check_given(session_id)
         with self._lock:
-            session = self._started(session_id)
-            del self._live[session_id]
+            session = self._owned(session_id, caller)
+            self._drop(session)
             self._remember(session, reason)
             return session
 
@@ -190,17 +235,24 @@ class SessionRegistry:
                 s for s in self._live.values() if s.started and s.last_used_s < cutoff
             ]
             for session in idle:
-                del self._live[session.id]
+                self._drop(session)
                 self._remember(session, reason)
             return idle
-
-    def _drop(self, session: Session) -> None:
-        del self._live[session.id]
 
     def _started(self, session_id: str) -> Session:
         session = self._live.get(session_id)
         if session is None or not session.started:
             raise NotFound(self._why_missing(session_id))
+        return session
+
+    def _owned(self, session_id: str, caller: "str | None | Operator") -> Session:
+        """As `_started`, refused unless `caller` may use the session."""
+        session = self._started(session_id)
+        if not _usable_by(session, caller):
+            raise PermissionDenied(
+                f"session {session_id!r} was started by other credentials; only "
+                "they may use it; start a session of your own"
+            )
         return session
 
     def _remember(self, session: Session, reason: str) -> None:
@@ -221,6 +273,17 @@ class SessionRegistry:
 
 def ended_message(session_id: str, reason: str) -> str:
     return f"session {session_id!r} {reason}; start a new session to continue"
+
+
+class Operator:
+    """Passed as `caller` by admin paths: an operator may act on any session."""
+
+
+OPERATOR = Operator()
+
+
+def _usable_by(session: Session, caller: str | None | Operator) -> bool:
+    return session.owner is None or caller is OPERATOR or session.owner == caller
 
 
 def _check_given(session_id: str) -> None:

@@ -36,16 +36,17 @@ log = logging.getLogger(__name__)
 SUFFIX = ".snapshot"
 
 
-def export_session(core, session_id: str) -> bytes:
-    session = core.sessions.get(session_id)
-    model = core.models[session.model]
-    capture = core.run_on_model(model.name, functools.partial(_read, [session]))
+def export_session(core, session: Session) -> bytes:
+    model = core.model(session.model, session.version)
+    capture = core.run_on_model(model, functools.partial(_read, [session]))
     if not capture.ids:
-        raise NotFound(f"session {session_id!r} ended while it was being exported")
+        raise NotFound(f"session {session.id!r} ended while it was being exported")
     return encode(layout(model), capture)
 
 
-def import_session(core, data: bytes) -> tuple[Session, ServedModel]:
+def import_session(
+    core, data: bytes, caller: str | None = None, client: str = ""
+) -> tuple[Session, ServedModel]:
     """Creates the session the bytes describe; nothing changes if it is refused."""
     try:
         found, records = decode(data)
@@ -55,31 +56,49 @@ def import_session(core, data: bytes) -> tuple[Session, ServedModel]:
         raise InvalidArgument(
             f"session: expected one exported session, received {len(records)}"
         )
-    model = core.model(str(found.get("model", "")))
+    model = core.model(str(found.get("model", "")), _version(found))
     try:
         check_layout(found, model)
     except SnapshotRefused as error:
         raise InvalidArgument(f"session: {error}") from None
-    return adopt(core, model, records[0]), model
+    return adopt(core, model, records[0], "new", caller, client), model
+
+
+def _version(found: dict) -> int:
+    version = found.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise InvalidArgument(f"session: expected a model version, found {version!r}")
+    return version
 
 
 def adopt(
-    core, model: ServedModel, record: SessionRecord, reason: str = "new"
+    core,
+    model: ServedModel,
+    record: SessionRecord,
+    reason: str = "new",
+    caller: str | None = None,
+    client: str = "",
 ) -> Session:
     """Makes `record` a live session of `model` (its layout already checked);
     `reason` is "restored" for a session from a snapshot file."""
     parts = [(p.layer, p.part, v) for p, v in zip(model.state_parts, record.state)]
     check_state(model, parts, "session state")
     _check_reply(model, record.last_reply)
-    session = core.sessions.add(model.name, record.id)
-    session.version = record.version
+    model = core.versions.acquire(model.name, model.version)  # counts the session
+    try:
+        session = core.sessions.add(model.name, record.id, caller, client)
+    except BaseException:
+        core.versions.release((model.name, model.version))
+        raise
+    session.version = model.version
     session.created_s = _monotonic(record.created_wall_s)
     session.last_used_s = _monotonic(record.last_used_wall_s)
     install = functools.partial(_install, session, record)
     try:
-        core.run_on_model(model.name, install, [session])
+        core.run_on_model(model, install, [session])
     except BaseException:
         core.sessions.discard(session)
+        core.versions.release((model.name, model.version))
         raise
     core.sessions.activate(session)
     core.metrics.session_started(model.name, reason)
@@ -172,13 +191,18 @@ class Snapshotter:
         """Writes one snapshot per model; returns the sessions written."""
         written = 0
         with self._lock:
-            for name in sorted(self.core.models):
+            kept = set()
+            for model in self.core.versions.all():
+                path = self.directory / f"{model.name}@{model.version}{SUFFIX}"
+                kept.add(path)
                 try:
-                    written += self._write(name)
+                    written += self._write(model, path)
                 except Exception:  # a full disk, say: keep serving, and trying
                     log.exception(
-                        "snapshot of model %r failed; the last one stays", name
+                        "snapshot of model %r failed; the last one stays", model.name
                     )
+            for stale in set(self.directory.glob(f"*{SUFFIX}")) - kept:
+                stale.unlink()  # of a version unloaded since: its sessions ended
         return written
 
     def _loop(self) -> None:
@@ -191,12 +215,14 @@ class Snapshotter:
                 1000 * (time.monotonic() - started),
             )
 
-    def _write(self, name: str) -> int:
-        model = self.core.models[name]
-        sessions = self.core.sessions.started(name)
-        capture = self.core.run_on_model(name, functools.partial(_read, sessions))
-        data = encode(layout(model), capture)
-        write_atomically(self.directory / f"{name}{SUFFIX}", data)
+    def _write(self, model: ServedModel, path: Path) -> int:
+        sessions = [
+            s
+            for s in self.core.sessions.started(model.name)
+            if s.version == model.version
+        ]
+        capture = self.core.run_on_model(model, functools.partial(_read, sessions))
+        write_atomically(path, encode(layout(model), capture))
         return len(capture.ids)
 
 
@@ -238,9 +264,13 @@ def _restore(core, path: Path) -> int:
         found, records = decode(path.read_bytes())
     except OSError as error:
         raise SnapshotRefused(f"unreadable ({error.strerror})") from None
-    model = core.models.get(path.name.removesuffix(SUFFIX))
-    if model is None:
-        raise SnapshotRefused(f"no model {path.stem!r} is loaded")
+    try:
+        model = core.model(str(found.get("model")), int(found.get("version", 0)))
+    except (SeqServeError, TypeError, ValueError):
+        raise SnapshotRefused(
+            f"model {found.get('model')!r} version {found.get('version')!r} is not "
+            "loaded"
+        ) from None
     check_layout(found, model)
     restored = 0
     for record in records:

@@ -113,7 +113,7 @@ def test_sessions_continue_through_sigterm_and_replay_through_kill(
     """One load through three server processes: SIGTERM at a quarter of the
     steps, kill -9 at half of them (snapshots every 0.5 s)."""
     port = free_port()
-    snapshot = tmp_path / "snap" / "lstm.snapshot"
+    snapshot = tmp_path / "snap" / "lstm@1.snapshot"
     flags = ["--model-dir", str(model_dir), "--snapshot-dir", str(snapshot.parent)]
     flags += ["--snapshot-interval-s", "0.5"]
     log = tmp_path / "server.log"

@@ -44,7 +44,7 @@ def test_session_lines_carry_the_id_and_requests_stay_at_debug(tmp_path, json_li
     debug = json_lines(logging.DEBUG)
     about = [line for line in debug if line.get("session_id") == session.id]
     assert [(line["level"], line["message"]) for line in about] == [
-        ("DEBUG", "session started on model 'lstm'"),
+        ("DEBUG", "session started on model 'lstm' version 1"),
         ("DEBUG", "session ended by the client"),
         ("DEBUG", f"Step refused: session {session.id!r} was ended by the client; "
          "start a new session to continue"),

@@ -13,7 +13,8 @@ import pytest
 from seqserve.server import models as models_module
 from seqserve.server import program as program_module
 from seqserve.server.errors import ModelRefused
-from seqserve.server.models import load_model_dir, load_model_file
+from seqserve.server.model_versions import load_model_dir
+from seqserve.server.models import load_model_file
 
 import zoo
 from conftest import client_for, running_server

@@ -132,7 +132,7 @@ def test_sessions_survive_a_stop_and_start(model_dir, keras_lstm, tmp_path, stor
             streamed = [session.step(c) for c in chunks[:2]]
             ended = client.start_session("lstm")
             ended.close()
-    assert (tmp_path / "lstm.snapshot").exists()
+    assert (tmp_path / "lstm@1.snapshot").exists()
 
     with running_server(model_dir, metrics_port=0, **settings) as app:
         restored = scrape(app)[STARTED_RESTORED]
@@ -162,10 +162,10 @@ def test_a_truncated_snapshot_is_refused_and_the_server_starts(
         with client_of(app) as client:
             for _ in range(3):
                 client.start_session("lstm").step(np.ones((2, 3), np.float32))
-    whole = (tmp_path / "lstm.snapshot").read_bytes()
+    whole = (tmp_path / "lstm@1.snapshot").read_bytes()
     rng = np.random.default_rng(2)
     for cut in rng.integers(1, len(whole), 4):
-        (tmp_path / "lstm.snapshot").write_bytes(whole[:cut])
+        (tmp_path / "lstm@1.snapshot").write_bytes(whole[:cut])
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="seqserve.server.snapshots"):
             with running_server(model_dir, snapshot_dir=str(tmp_path)) as app:
@@ -174,7 +174,7 @@ def test_a_truncated_snapshot_is_refused_and_the_server_starts(
                     assert client.list_models()[0].name == "lstm"
         refusals = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(refusals) == 1
-        assert list(tmp_path.glob("lstm.snapshot.refused-*"))
+        assert list(tmp_path.glob("lstm@1.snapshot.refused-*"))
 
 
 def test_a_snapshot_of_a_changed_model_is_refused(

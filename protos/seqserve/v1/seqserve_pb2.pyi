@@ -191,10 +191,15 @@ class ModelInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     OUTPUTS_PER_TIMESTEP_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     outputs_per_timestep: _builtins.bool
     """True when outputs carry one entry per timestep; false when the model's
     head sees only the last step and outputs describe the state after it.
+    """
+    version: _builtins.int
+    """Versions are 1, 2, ...: `<model_dir>/<name>/<N>.keras` is version N, a
+    plain `<model_dir>/<name>.keras` version 1.
     """
     @_builtins.property
     def input(self) -> Global___TensorSpec: ...
@@ -210,10 +215,11 @@ class ModelInfo(_message.Message):
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         state: _abc.Iterable[Global___StatePartSpec] | None = ...,
         outputs_per_timestep: _builtins.bool = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name", "outputs", b"outputs", "outputs_per_timestep", b"outputs_per_timestep", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name", "outputs", b"outputs", "outputs_per_timestep", b"outputs_per_timestep", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,10 +267,15 @@ class StartSessionRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     INITIAL_STATE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     session_id: _builtins.str
     """Optional; 1 to 128 characters of [A-Za-z0-9._:-]. The server mints an
     unguessable id when empty.
+    """
+    version: _builtins.int
+    """Optional; 0 (the default) is the newest loaded version. An older version
+    can be asked for while sessions still use it.
     """
     @_builtins.property
     def initial_state(self) -> Global___State:
@@ -276,10 +287,11 @@ class StartSessionRequest(_message.Message):
         model: _builtins.str = ...,
         session_id: _builtins.str = ...,
         initial_state: Global___State | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initial_state", b"initial_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_state", b"initial_state", "model", b"model", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_state", b"initial_state", "model", b"model", "session_id", b"session_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

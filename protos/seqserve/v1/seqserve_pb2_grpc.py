@@ -95,7 +95,8 @@ class SequenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
-        """Models loaded by the server, with their input, outputs and state layout.
+        """Models loaded by the server, with their input, outputs and state layout;
+        one entry per loaded version, by name, then version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

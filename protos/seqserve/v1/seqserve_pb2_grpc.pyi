@@ -37,7 +37,9 @@ class SequenceServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SequenceServiceAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.ListModelsRequest, _seqserve_pb2.ListModelsResponse]
-    """Models loaded by the server, with their input, outputs and state layout."""
+    """Models loaded by the server, with their input, outputs and state layout;
+    one entry per loaded version, by name, then version.
+    """
     StartSession: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.StartSessionRequest, _seqserve_pb2.StartSessionResponse]
     """Starts a session from zeros or from a given state."""
     Step: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.StepRequest, _seqserve_pb2.StepResponse]
@@ -72,7 +74,9 @@ class SequenceServiceStub:
 class SequenceServiceAsyncStub(SequenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.ListModelsRequest, _seqserve_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """Models loaded by the server, with their input, outputs and state layout."""
+    """Models loaded by the server, with their input, outputs and state layout;
+    one entry per loaded version, by name, then version.
+    """
     StartSession: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.StartSessionRequest, _seqserve_pb2.StartSessionResponse]  # type: ignore[assignment]
     """Starts a session from zeros or from a given state."""
     Step: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.StepRequest, _seqserve_pb2.StepResponse]  # type: ignore[assignment]
@@ -110,7 +114,9 @@ class SequenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _seqserve_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_seqserve_pb2.ListModelsResponse, _abc.Awaitable[_seqserve_pb2.ListModelsResponse]]:
-        """Models loaded by the server, with their input, outputs and state layout."""
+        """Models loaded by the server, with their input, outputs and state layout;
+        one entry per loaded version, by name, then version.
+        """
 
     @_abc_1.abstractmethod
     def StartSession(
