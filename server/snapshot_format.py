@@ -47,6 +47,8 @@ class Capture:
     operation on its executor: cheap to take for many sessions."""
 
     ids: list[str]
+    owners: list[str | None]  # the identity that may use it; None: anyone
+    clients: list[str]  # what the per-client session limit counts
     versions: list[int]
     step_numbers: list[int]
     timesteps: list[int]
@@ -62,6 +64,8 @@ class SessionRecord:
     """One session, as read back."""
 
     id: str
+    owner: str | None
+    client: str
     version: int
     step_number: int
     timesteps: int
@@ -106,6 +110,8 @@ def encode(model_layout: dict, capture: Capture) -> bytes:
         "format": FORMAT_VERSION,
         "layout": model_layout,
         "ids": capture.ids,
+        "owners": capture.owners,
+        "clients": capture.clients,
         "columns": {
             name: put(np.asarray(getattr(capture, name), dtype))
             for name, dtype in COLUMNS.items()
@@ -178,6 +184,10 @@ def _parse(body: memoryview) -> tuple[dict, list[SessionRecord]]:
     arrays = _arrays(header["arrays"], body[4 + length :])
     found = header["layout"]
     ids = [str(i) for i in header["ids"]]
+    owners = [None if o is None else str(o) for o in header["owners"]]
+    clients = [str(c) for c in header["clients"]]
+    if not len(ids) == len(owners) == len(clients):
+        raise SnapshotRefused("ids, owners and clients: expected one per session")
     columns = {name: arrays[i].tolist() for name, i in header["columns"].items()}
     states = [
         _states_part(arrays[i], part, len(ids))
@@ -192,6 +202,7 @@ def _parse(body: memoryview) -> tuple[dict, list[SessionRecord]]:
         for row in range(len(ids))
     ]
     for row, record in enumerate(records):
+        record.owner, record.client = owners[row], clients[row]
         record.state = [part[row] for part in states]
         record.has_output = flags[row].tolist()
     return found, records
@@ -234,6 +245,8 @@ def _record(session_id: str, values: dict, reply) -> SessionRecord:
         raise SnapshotRefused("step_number and timesteps: expected 0 or more")
     return SessionRecord(
         id=session_id,
+        owner=None,
+        client="",
         version=int(values["versions"]),
         step_number=int(values["step_numbers"]),
         timesteps=int(values["timesteps"]),

@@ -130,6 +130,8 @@ def _read(sessions: list[Session], store) -> Capture:
     to_wall_s = time.time() - time.monotonic()
     return Capture(
         ids=[s.id for s in live],
+        owners=[s.owner for s in live],
+        clients=[s.client for s in live],
         versions=[s.version for s in live],
         step_numbers=[s.step_number for s in live],
         timesteps=[s.timesteps for s in live],
@@ -275,7 +277,7 @@ def _restore(core, path: Path) -> int:
     restored = 0
     for record in records:
         try:
-            adopt(core, model, record, "restored")
+            adopt(core, model, record, "restored", record.owner, record.client)
             restored += 1
         except SeqServeError as error:
             log.warning("session %r not restored from %s: %s", record.id, path, error)

@@ -42,6 +42,8 @@ def capture(sessions: int) -> Capture:
     rng = np.random.default_rng(sessions)
     return Capture(
         ids=[f"s{i}" for i in range(sessions)],
+        owners=[None if i % 2 else f"owner{i}" for i in range(sessions)],
+        clients=[f"client{i}" for i in range(sessions)],
         versions=[1] * sessions,
         step_numbers=list(range(2, sessions + 2)),
         timesteps=[7 * i for i in range(sessions)],
@@ -62,6 +64,9 @@ def test_a_snapshot_reads_back_as_written():
 
     assert found == LAYOUT
     assert [r.id for r in records] == written.ids
+    assert [(r.owner, r.client) for r in records] == list(
+        zip(written.owners, written.clients)
+    )
     for row, record in enumerate(records):
         np.testing.assert_array_equal(record.state, [p[row] for p in written.states])
         assert record.has_output == written.has_output[row].tolist()
