@@ -9,7 +9,12 @@ import grpc
 import numpy as np
 import pytest
 
-from seqserve.client import AlreadyExistsError, Client, InvalidArgumentError
+from seqserve.client import (
+    AlreadyExistsError,
+    Client,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
 from seqserve.client.tensors import to_numpy
 from seqserve.server.config import Config
 from seqserve.server.executor import StepResult
@@ -248,3 +253,24 @@ def test_snapshot_settings_come_from_flags_and_environment():
     for bad in ("-1", "inf", "nan"):
         with pytest.raises(ValueError, match="snapshot_interval_s"):
             Config.from_args(["--snapshot-interval-s", bad], {})
+
+
+def test_a_restored_session_keeps_its_owner(model_dir, tmp_path):
+    alice, bob = "alice-2b7e0c9d41f6", "bob-8d14a6c3e95b"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {alice}\nbob {bob}\n")
+    settings = {"snapshot_dir": str(tmp_path / "snap"), "token_file": tokens}
+    x = np.ones((2, 3), np.float32)
+    with running_server(model_dir, **settings) as app:
+        with Client(f"127.0.0.1:{app.port}", token=alice) as client:
+            client.start_session("lstm", session_id="alices").step(x)
+
+    with running_server(model_dir, **settings) as app:
+        target = f"127.0.0.1:{app.port}"
+        with Client(target, token=bob) as intruder:
+            with pytest.raises(PermissionDeniedError):
+                intruder.attach("alices", "lstm")
+        with Client(target, token=alice) as owner:
+            session = owner.attach("alices", "lstm")
+            session.step(x)
+    assert session.step_number == 2
