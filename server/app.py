@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import threadpoolctl
 
-from seqserve.v1 import admin_pb2_grpc, seqserve_pb2_grpc
+from seqserve.v1 import admin_pb2_grpc, seqserve_pb2
 
 from .admin_servicer import AdminServicer
 from .config import Config
@@ -19,6 +19,7 @@ from .errors import Unavailable
 from .metrics import Metrics
 from .model_versions import VersionWatcher, loader
 from .models import ServedModel
+from .parsing import add_to_server
 from .security import interceptors, listen, server_credentials, server_options
 from .servicer import SequenceServicer
 from .session_admin import SessionAdmin
@@ -99,8 +100,10 @@ class App:
         )
         self._sequence = SequenceServicer(loading, self.metrics)
         self._admin = AdminServicer(loading, self.metrics)
-        seqserve_pb2_grpc.add_SequenceServiceServicer_to_server(
-            self._sequence, self.server
+        add_to_server(
+            self._sequence,
+            seqserve_pb2.DESCRIPTOR.services_by_name["SequenceService"],
+            self.server,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self._admin, self.server)
         self.health = Health(self.server)

@@ -23,6 +23,9 @@ class Config:
     # Timesteps in one Step (per session in StepMany): a long step holds up
     # every other session of its model while it runs.
     max_timesteps: int = 10_000
+    # Session-steps queued or running per model before new steps are refused
+    # with RESOURCE_EXHAUSTED (a StepMany counts one per session); 0 is no limit.
+    max_queued_steps: int = 10_000
     worker_threads: int = 32
     allow_unsafe_deserialization: bool = False
     # "auto": NumPy for plain layer stacks where timing shows it is faster;
@@ -88,6 +91,12 @@ class Config:
             "max_timesteps",
             "1 to 10000000",
             self.max_timesteps,
+        )
+        _require(
+            self.max_queued_steps >= 0,
+            "max_queued_steps",
+            "0 (no limit) or more",
+            self.max_queued_steps,
         )
         _require(
             self.worker_threads >= 1,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import snapshots
+from .admission import Admission
 from .config import Config
 from .device_state import tensorflow_sees_a_gpu
 from .errors import InvalidArgument, NotFound, Unavailable
@@ -72,6 +73,8 @@ class SequenceCore:
         )
         for model in models.values() if isinstance(models, Mapping) else models:
             self.versions.add(model)
+        # By model name, every loaded version together; made on first use.
+        self.admissions: dict[str, Admission] = {}
         self.metrics.attach(self)
         self._stopping = threading.Event()
         self._reaper = None
@@ -189,7 +192,7 @@ class SequenceCore:
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
         op.step_number, op.deadline_s, op.cancelled = step_number, deadline_s, cancelled
-        return model, self._submit(session, op)
+        return model, self._submit_admitted(session, op, steps=1)
 
     def step_many(
         self,
@@ -220,7 +223,7 @@ class SequenceCore:
         )
         op = ManyStepOp(sessions, inputs, reset, return_state)
         op.deadline_s, op.cancelled = deadline_s, cancelled
-        return model, self._run(op)
+        return model, self._submit_admitted(sessions[0], op, len(sessions)).result()
 
     def write_state(
         self,
@@ -301,6 +304,22 @@ class SequenceCore:
         if entry is None:
             raise NotFound(f"model {model.name!r} version {model.version} is gone")
         return entry[1].submit(StoreOp(apply, list(sessions))).result()
+
+    def _submit_admitted(self, session: Session, op: StepOp | ManyStepOp, steps: int):
+        """Queues a step if its model's admission lets it in, else raises
+        ResourceExhausted before anything is queued."""
+        limit = self.config.max_queued_steps
+        admission = self.admissions.setdefault(
+            session.model, Admission(session.model, limit)
+        )
+        admission.admit(steps)
+        try:
+            future = self._submit(session, op)
+        except BaseException:
+            admission.release(steps)
+            raise
+        admission.release_when_done(future, steps)
+        return future
 
     def _run(self, op: StepOp | StateOp | ManyStepOp):
         session = op.sessions[0] if isinstance(op, ManyStepOp) else op.session

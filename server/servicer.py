@@ -21,6 +21,7 @@ from .core import SequenceCore
 from .errors import SeqServeError, StepOutOfOrder
 from .metrics import Metrics
 from .models import ServedModel
+from .parsing import refuse_unparsed
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,24 @@ STREAM_WINDOW = 1024
 # How often a waiting stream checks whether its call is still alive.
 STREAM_POLL_S = 0.5
 _END_OF_STREAM = object()
+# Characters of an error message sent to the client. A message echoes parts of
+# the request; gRPC fails a call whose status detail passes its metadata limit
+# (8 KiB, percent-encoded), and the client would see RESOURCE_EXHAUSTED instead.
+MAX_DETAIL_CHARS = 500
 
 
 def _statuses(method):
     @functools.wraps(method)
     def wrapper(self, request, context: grpc.ServicerContext):
         try:
+            refuse_unparsed(request)
             return method(self, request, context)
         except SeqServeError as error:
             self.metrics.rejected(error.code)
             log.debug("%s refused: %s", method.__name__, error, extra=_about(request))
             if error.trailing_metadata:
                 context.set_trailing_metadata(error.trailing_metadata)
-            context.abort(error.code, str(error))
+            context.abort(error.code, _detail(error))
         except Exception:
             self.metrics.rejected(grpc.StatusCode.INTERNAL)
             log.exception(
@@ -135,6 +141,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     def _submit(self, request, caller, context):
         """Decodes and submits one StepRequest; raises if it is refused."""
+        refuse_unparsed(request)
         return self.core.submit_step(
             request.session_id,
             tensors.decode(request.inputs, "inputs"),
@@ -241,12 +248,19 @@ def _outcome(item, metrics: Metrics) -> pb.StepOutcome:
         return outcome
     except SeqServeError as error:
         metrics.rejected(error.code)
-        return pb.StepOutcome(error=_error(error.code, str(error)))
+        return pb.StepOutcome(error=_error(error.code, _detail(error)))
     except Exception:
         log.exception("unexpected error in StepStream")
         internal = grpc.StatusCode.INTERNAL
         metrics.rejected(internal)
         return pb.StepOutcome(error=_error(internal, "internal error; see server log"))
+
+
+def _detail(error: SeqServeError) -> str:
+    message = str(error)
+    if len(message) <= MAX_DETAIL_CHARS:
+        return message
+    return message[: MAX_DETAIL_CHARS - 20] + " ... (shortened)"
 
 
 def _error(code: grpc.StatusCode, message: str) -> pb.Error:

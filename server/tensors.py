@@ -10,6 +10,10 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from .errors import InvalidArgument
 
+# numpy's limit on dimensions; a longer shape would also make the byte count
+# below a number too long to print.
+MAX_DIMENSIONS = 64
+
 
 def dtype_name(code: int) -> str:
     return pb.DataType.Name(code) if code in pb.DataType.values() else f"<enum {code}>"
@@ -31,6 +35,11 @@ def decode(tensor: pb.Tensor, what: str) -> np.ndarray:
             f"{what}: expected dtype one of {known}, received {dtype_name(tensor.dtype)}"
         )
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidArgument(
+            f"{what}: expected at most {MAX_DIMENSIONS} dimensions, received "
+            f"{len(shape)}"
+        )
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"{what}: expected a shape of sizes >= 0, received {list(shape)}"

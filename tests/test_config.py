@@ -58,6 +58,8 @@ def test_environment_fills_what_flags_leave_and_flags_win():
         ("idle_timeout_s", "-1"),
         ("idle_timeout_s", "nan"),
         ("max_batch_size", "0"),
+        ("max_queued_steps", "-1"),
+        ("max_queued_steps", "many"),
         ("worker_threads", "0"),
         ("allow_unsafe_deserialization", "maybe"),
         ("log_level", "LOUD"),
