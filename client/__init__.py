@@ -1,20 +1,27 @@
 """Python client for seqserve: `from seqserve.client import Client`."""
 
-from .client import Client, ModelInfo, Session, State, StatePartInfo, TensorInfo
+from .client import Client, ModelInfo, StatePartInfo, TensorInfo
+from .conversions import State
 from .errors import (
     AlreadyExistsError,
+    CancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     SeqServeError,
+    StepOutOfOrderError,
     UnauthenticatedError,
     UnavailableError,
 )
+from .retries import NO_RETRIES, RetryPolicy
+from .session import Session
 
 __all__ = [
+    "NO_RETRIES",
     "AlreadyExistsError",
+    "CancelledError",
     "Client",
     "DeadlineExceededError",
     "InvalidArgumentError",
@@ -22,10 +29,12 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "SeqServeError",
     "Session",
     "State",
     "StatePartInfo",
+    "StepOutOfOrderError",
     "TensorInfo",
     "UnauthenticatedError",
     "UnavailableError",

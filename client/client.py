@@ -11,7 +11,7 @@ each part of shape [units] for one session.
 
 import dataclasses
 import queue
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -19,11 +19,15 @@ import numpy as np
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from . import tensors
-from .errors import NotFoundError, SeqServeError, from_code, from_rpc_error
-
-State = dict[str, dict[str, np.ndarray]]
-Outputs = np.ndarray | tuple[np.ndarray, ...]
+from . import retries, tensors
+from .conversions import Outputs, State, cast, outputs_of, state_to_proto
+from .errors import (
+    SeqServeError,
+    from_code,
+    from_rpc_error,
+)
+from .retries import RetryPolicy
+from .session import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +77,11 @@ class ModelInfo:
 class Client:
     """Thread-safe; one channel shared by every session made from it.
 
-    `timeout_s` is the deadline of each call (None: no deadline).
+    `timeout_s` is the deadline of each attempt of a call (None: none but the
+    retry policy's). `retry` says how calls that are safe to repeat are
+    repeated (`retries.NO_RETRIES`: never). With `numbered_steps`, each
+    session numbers its unary steps, so that a step whose reply was lost is
+    retried and still applies exactly once (see `Session`).
 
     TLS is on with `tls=True` or any certificate given (PEM bytes):
     `root_certificates` to trust the server's (default: the system's),
@@ -87,6 +95,8 @@ class Client:
         target: str,
         *,
         timeout_s: float | None = 30.0,
+        retry: RetryPolicy = retries.DEFAULT_RETRIES,
+        numbered_steps: bool = True,
         channel: grpc.Channel | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
@@ -107,11 +117,40 @@ class Client:
         self._channel = channel or grpc.insecure_channel(target, options)
         self._stub = pb_grpc.SequenceServiceStub(self._channel)
         self.timeout_s = timeout_s
+        self.retry = retry
+        self.numbered_steps = numbered_steps
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def list_models(self) -> list[ModelInfo]:
-        reply = self._call(self._stub.ListModels, pb.ListModelsRequest())
+        reply = self._call(
+            self._stub.ListModels, pb.ListModelsRequest(), retries.FOR_READS
+        )
         return [ModelInfo.from_proto(m) for m in reply.models]
+
+    def attach(self, session_id: str, model: str) -> "Session":
+        """A handle on a live session started elsewhere (another client, or an
+        import), numbering its steps from the server's count."""
+        info = next((m for m in self.list_models() if m.name == model), None)
+        if info is None:
+            raise ValueError(f"model {model!r} is not loaded on the server")
+        session = Session(self, session_id, info)
+        session.sync()
+        return session
+
+    def export_session(self, session: "Session") -> bytes:
+        """The session as opaque bytes for `import_session`; it stays live here."""
+        request = pb.ExportSessionRequest(session_id=session.id)
+        return self._call(self._stub.ExportSession, request, retries.FOR_READS).session
+
+    def import_session(self, exported: bytes) -> "Session":
+        """Creates an exported session on this server, under its own id and
+        with its step number. Not idempotent (ALREADY_EXISTS once it is live)."""
+        reply = self._call(
+            self._stub.ImportSession, pb.ImportSessionRequest(session=exported)
+        )
+        session = Session(self, reply.session_id, ModelInfo.from_proto(reply.model))
+        session.step_number, session.timesteps = reply.step_number, reply.timesteps
+        return session
 
     def start_session(
         self,
@@ -129,7 +168,7 @@ class Client:
             model=model, session_id=session_id, version=version
         )
         if state is not None:
-            request.initial_state.CopyFrom(_state_to_proto(state))
+            request.initial_state.CopyFrom(state_to_proto(state))
         reply = self._call(self._stub.StartSession, request)
         return Session(self, reply.session_id, ModelInfo.from_proto(reply.model))
 
@@ -150,20 +189,28 @@ class Client:
             raise ValueError("expected at least one session")
         request = pb.StepManyRequest(
             session_ids=[s.id for s in sessions],
-            inputs=tensors.to_proto(_cast(inputs, sessions[0].model.input.dtype)),
+            inputs=tensors.to_proto(cast(inputs, sessions[0].model.input.dtype)),
             reset=reset,
         )
-        reply = self._call(self._stub.StepMany, request)
-        for session, timesteps in zip(sessions, reply.timesteps):
-            session.timesteps = timesteps
-        return _outputs(reply.outputs)
+        reply = self._call(self._stub.StepMany, request, retries.REFUSED_UNAPPLIED)
+        for session, timesteps, number in zip(
+            sessions, reply.timesteps, reply.step_numbers
+        ):
+            session.timesteps, session.step_number = timesteps, number
+        return outputs_of(reply.outputs)
 
     def step_stream(
-        self, steps: Iterable[tuple["Session", np.ndarray]]
+        self, steps: Iterable[tuple["Session", np.ndarray]], *, numbered: bool = False
     ) -> Iterator[Outputs | SeqServeError]:
         """Sends (session, inputs) pairs on one stream; yields, in the same order,
         each step's outputs, or the typed error that refused that step (the
-        stream goes on). Steps of one session apply in the order sent."""
+        stream goes on). Steps of one session apply in the order sent.
+
+        `numbered`: each step carries its session's next step number, so a
+        refused step also refuses the later steps of its session already sent
+        (StepOutOfOrderError): none applies out of order. The stream itself is
+        not retried; resend from `session.step_number + 1`.
+        """
         sent: queue.SimpleQueue = queue.SimpleQueue()
 
         def requests():
@@ -171,7 +218,8 @@ class Client:
                 sent.put(session)
                 yield pb.StepRequest(
                     session_id=session.id,
-                    inputs=tensors.to_proto(_cast(inputs, session.model.input.dtype)),
+                    inputs=tensors.to_proto(cast(inputs, session.model.input.dtype)),
+                    step_number=session._claim_number() if numbered else 0,
                 )
 
         try:
@@ -181,10 +229,15 @@ class Client:
             for outcome in replies:
                 session = sent.get()
                 if outcome.HasField("error"):
-                    yield from_code(outcome.error.code, outcome.error.message)
+                    error = outcome.error
+                    session._unclaim()
+                    yield from_code(
+                        error.code, error.message, error.expected_step_number
+                    )
                     continue
                 session.timesteps = outcome.response.timesteps
-                yield _outputs(outcome.response.outputs)
+                session.step_number = outcome.response.step_number
+                yield outputs_of(outcome.response.outputs)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -197,136 +250,12 @@ class Client:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _call(self, method: Callable, request):
-        try:
-            return method(request, timeout=self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-
-
-class Session:
-    """One server-side session. Calls on one session apply in the order the
-    server receives them: one after another when each is waited for, as here.
-
-    Use it as a context manager to end the session on exit.
-    """
-
-    def __init__(self, client: Client, session_id: str, model: ModelInfo):
-        self._client = client
-        self.id = session_id
-        self.model = model
-        self.timesteps = 0  # as last reported by the server
-
-    def step(
-        self, inputs: np.ndarray, *, state: State | None = None, reset: bool = False
-    ) -> Outputs:
-        """Feeds inputs of shape [timesteps, *features]; returns the model's outputs.
-
-        One array for a single-output model, else a tuple. Each has a leading
-        timesteps axis when the model outputs per timestep. `state` replaces
-        the stored state for this step; `reset` starts it from zeros.
-        """
-        outputs, _ = self._step(inputs, state, reset, return_state=False)
-        return outputs
-
-    def step_with_state(
-        self, inputs: np.ndarray, *, state: State | None = None, reset: bool = False
-    ) -> tuple[Outputs, State]:
-        """As `step`, and also returns the state after the step."""
-        return self._step(inputs, state, reset, return_state=True)
-
-    def reset(self, state: State | None = None) -> None:
-        """Back to zeros, or to `state`; the session stays open. Idempotent."""
-        request = pb.ResetRequest(session_id=self.id)
-        if state is not None:
-            request.state.CopyFrom(_state_to_proto(state))
-        self._client._call(self._client._stub.Reset, request)
-        self.timesteps = 0
-
-    def get_state(self) -> State:
-        reply = self._client._call(
-            self._client._stub.GetState, pb.GetStateRequest(session_id=self.id)
+    def _call(self, method: Callable, request, retry_on: frozenset = frozenset()):
+        return retries.call(
+            method,
+            request,
+            timeout_s=self.timeout_s,
+            policy=self.retry,
+            retry_on=retry_on,
+            metadata=self._metadata,
         )
-        self.timesteps = reply.timesteps
-        return _state_from_proto(reply.state)
-
-    def set_state(self, state: State) -> None:
-        """Replaces every part of the state; all parts must be given. Idempotent."""
-        request = pb.SetStateRequest(session_id=self.id, state=_state_to_proto(state))
-        self._client._call(self._client._stub.SetState, request)
-        self.timesteps = 0
-
-    def close(self) -> None:
-        """Ends the session on the server. Raises NotFoundError if already gone."""
-        reply = self._client._call(
-            self._client._stub.EndSession, pb.EndSessionRequest(session_id=self.id)
-        )
-        self.timesteps = reply.timesteps
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        try:
-            self.close()
-        except NotFoundError:
-            pass  # ended or expired already: nothing left to free
-
-    def _step(self, inputs, state, reset, return_state):
-        request = pb.StepRequest(
-            session_id=self.id,
-            inputs=tensors.to_proto(_cast(inputs, self.model.input.dtype)),
-            reset=reset,
-            return_state=return_state,
-        )
-        if state is not None:
-            request.state.CopyFrom(_state_to_proto(state))
-        reply = self._client._call(self._client._stub.Step, request)
-        self.timesteps = reply.timesteps
-        state = _state_from_proto(reply.state) if return_state else None
-        return _outputs(reply.outputs), state
-
-
-def _outputs(messages) -> Outputs:
-    outputs = tuple(tensors.to_numpy(t) for t in messages)
-    return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _cast(array, dtype: np.dtype) -> np.ndarray:
-    """Casts within a kind (float64 to float32, say); the server checks the rest.
-
-    Integers stay integers and floats floats. A value that does not survive
-    the cast (an integer out of range, a float64 past float32's range) is sent
-    as it is, for the server to refuse, rather than turned into another value.
-    """
-    array = np.asarray(array)
-    if array.dtype == dtype or array.dtype.kind != dtype.kind:
-        return array
-    with np.errstate(over="ignore"):
-        cast = array.astype(dtype)
-    if dtype.kind == "i" and not np.array_equal(cast, array):
-        return array
-    if dtype.kind == "f" and not np.array_equal(np.isfinite(cast), np.isfinite(array)):
-        return array
-    return cast
-
-
-def _state_to_proto(state: Mapping[str, Mapping[str, np.ndarray]]) -> pb.State:
-    return pb.State(
-        parts=[
-            pb.StatePart(
-                layer=layer,
-                part=part,
-                value=tensors.to_proto(_cast(value, np.dtype(np.float32))),
-            )
-            for layer, parts in state.items()
-            for part, value in parts.items()
-        ]
-    )
-
-
-def _state_from_proto(state: pb.State) -> State:
-    result: State = {}
-    for part in state.parts:
-        result.setdefault(part.layer, {})[part.part] = tensors.to_numpy(part.value)
-    return result

@@ -10,6 +10,8 @@ class SeqServeError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        # For a step: the number it was sent with (0: unnumbered), else None.
+        self.step_number: int | None = None
 
 
 class InvalidArgumentError(SeqServeError):
@@ -33,7 +35,32 @@ class UnavailableError(SeqServeError):
 
 
 class DeadlineExceededError(SeqServeError):
-    """The call's deadline passed; whether a step applied is unknown."""
+    """The call's deadline passed. For a numbered step that the client could not
+    resolve by retrying, whether it applied is unknown: `Session.sync()` tells."""
+
+
+class CancelledError(SeqServeError):
+    """The call was cancelled; as for DeadlineExceededError."""
+
+
+class StepOutOfOrderError(SeqServeError):
+    """A numbered step was refused because the server expects another number.
+
+    `expected_step_number` is the number the session expects next. When it is
+    below the number sent (`server_behind`), the server lost steps (a restore
+    from a snapshot after a crash): replay your inputs from that step on (see
+    `Session.resume_from`). Otherwise the step was already applied.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, expected: int = 0):
+        super().__init__(code, details)
+        self.expected_step_number = expected
+
+    @property
+    def server_behind(self) -> bool:
+        return self.step_number is not None and (
+            self.expected_step_number < self.step_number
+        )
 
 
 class UnauthenticatedError(SeqServeError):
@@ -51,18 +78,32 @@ _BY_CODE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
+EXPECTED_STEP_KEY = "seqserve-expected-step"
 
 
 def from_rpc_error(error: grpc.RpcError) -> SeqServeError:
     code = error.code()
+    if code == grpc.StatusCode.ABORTED:
+        metadata = dict(_trailing_metadata(error))
+        expected = metadata.get(EXPECTED_STEP_KEY)
+        if expected is not None and expected.isdigit():
+            return StepOutOfOrderError(code, error.details() or "", int(expected))
     return _BY_CODE.get(code, SeqServeError)(code, error.details() or "")
 
 
-def from_code(code: int, details: str) -> SeqServeError:
+def from_code(code: int, details: str, expected_step_number: int = 0) -> SeqServeError:
     """The typed error for a status carried in a message (a stream's outcome)."""
     status = next((c for c in grpc.StatusCode if c.value[0] == code), None)
     status = status or grpc.StatusCode.UNKNOWN
+    if status == grpc.StatusCode.ABORTED and expected_step_number > 0:
+        return StepOutOfOrderError(status, details, expected_step_number)
     return _BY_CODE.get(status, SeqServeError)(status, details)
+
+
+def _trailing_metadata(error: grpc.RpcError):
+    getter = getattr(error, "trailing_metadata", None)
+    return (getter() if getter is not None else None) or ()

@@ -4,6 +4,7 @@ import concurrent.futures
 import logging
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import threadpoolctl
@@ -22,6 +23,7 @@ from .parsing import add_to_server
 from .security import interceptors, listen, server_credentials, server_options
 from .servicer import SequenceServicer
 from .session_admin import SessionAdmin
+from .snapshots import Snapshotter, restore_all
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class App:
         )
         self.metrics = Metrics()
         self.core = None
+        self.snapshotter: Snapshotter | None = None
         self._listen()
         try:
             self.metrics_port = self._serve_metrics()
@@ -78,6 +81,8 @@ class App:
                 self.core.versions.newest_version, self.core.versions.add
             )
         self.health.serving()
+        if self.snapshotter is not None:
+            self.snapshotter.start()
         log.info(
             "serving models %s: all loaded and warmed up",
             [f"{m.name} v{m.version}" for m in self.core.versions.all()],
@@ -128,21 +133,36 @@ class App:
         if not models:
             raise RuntimeError(f"no model could be loaded from {self.config.model_dir}")
         self.core = SequenceCore(models, self.config, self.metrics)
+        # Before any call reaches the core: clients see every restored session.
+        self.snapshotter = self._restore_sessions()
         self._sequence.core = self.core
         self._admin.admin = SessionAdmin(self.core)
 
     def _load_models(self) -> list[ServedModel]:
         return self.watcher.load_newest()
 
+    def _restore_sessions(self) -> Snapshotter | None:
+        if not self.config.snapshot_dir:
+            return None
+        directory = Path(self.config.snapshot_dir)
+        snapshotter = Snapshotter(self.core, directory, self.config.snapshot_interval_s)
+        restore_all(self.core, directory)
+        return snapshotter
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Reports NOT_SERVING, refuses new calls, lets calls in flight finish,
-        then stops the executors."""
+        writes the snapshot (with a snapshot directory), then stops the
+        executors."""
         self.watcher.stop()
         self.health.draining()
         self.server.stop(grace_s).wait()
         self.metrics.stop()
         if self.core is None:
             return
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+            written = self.snapshotter.write_all()
+            log.info("wrote %d sessions to %s", written, self.snapshotter.directory)
         self.core.close()
         log.info(
             "stopped after %.0f s; %d sessions were live; %s",

@@ -34,6 +34,11 @@ class Config:
     # Where session states live. "auto": in TensorFlow variables (on the GPU)
     # when TensorFlow sees a GPU, else in host arrays; "host"; "tensorflow".
     state_storage: str = "auto"
+    # Where sessions are written at shutdown (and every snapshot_interval_s)
+    # and restored from at start; empty: sessions live in memory only.
+    snapshot_dir: str = ""
+    # Seconds between periodic snapshots; 0: only at shutdown.
+    snapshot_interval_s: float = 0.0
     log_level: str = "INFO"
     # Seconds between looks for new model versions in model_dir; 0 is off.
     model_poll_interval_s: float = 5.0
@@ -107,6 +112,12 @@ class Config:
             "state_storage",
             storages,
             self.state_storage,
+        )
+        _require(
+            0 <= self.snapshot_interval_s < float("inf"),
+            "snapshot_interval_s",
+            "0 (only at shutdown) or more",
+            self.snapshot_interval_s,
         )
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _require(self.log_level in levels, "log_level", levels, self.log_level)

@@ -6,11 +6,13 @@ the state-touching work to the model's executor and waits for it.
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
+from . import snapshots
 from .admission import Admission
 from .config import Config
 from .device_state import tensorflow_sees_a_gpu
@@ -22,6 +24,7 @@ from .executor import (
     StateOp,
     StepOp,
     StepResult,
+    StoreOp,
 )
 from .loaded_versions import LoadedVersions
 from .logs import about
@@ -151,9 +154,10 @@ class SequenceCore:
         reset: bool = False,
         return_state: bool = False,
         caller: str | None = None,
+        **call: Any,
     ) -> tuple[ServedModel, StepResult]:
         model, future = self.submit_step(
-            session_id, inputs, state, reset, return_state, caller
+            session_id, inputs, state, reset, return_state, caller, **call
         )
         return model, future.result()
 
@@ -165,8 +169,19 @@ class SequenceCore:
         reset: bool = False,
         return_state: bool = False,
         caller: str | None = None,
+        step_number: int = 0,
+        deadline_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[ServedModel, Future]:
-        """As `step`, without waiting: the future's result is the StepResult."""
+        """As `step`, without waiting: the future's result is the StepResult.
+
+        `step_number` (0: unnumbered), `deadline_s` (time.monotonic()) and
+        `cancelled` are checked where the step applies (sequencing.py).
+        """
+        if step_number < 0:
+            raise InvalidArgument(
+                f"step_number: expected 0 (unnumbered) or more, received {step_number}"
+            )
         session = self.sessions.get(session_id, caller)
         model, _ = self._runtime(session)
         check_inputs(model, inputs, max_timesteps=self.config.max_timesteps)
@@ -176,6 +191,7 @@ class SequenceCore:
             )
         values = None if state is None else check_state(model, state, "state")
         op = StepOp(session, inputs, values, reset, return_state)
+        op.step_number, op.deadline_s, op.cancelled = step_number, deadline_s, cancelled
         return model, self._submit_admitted(session, op, steps=1)
 
     def step_many(
@@ -185,6 +201,8 @@ class SequenceCore:
         reset: bool = False,
         return_state: bool = False,
         caller: str | None = None,
+        deadline_s: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[ServedModel, ManyStepResult]:
         """Steps distinct sessions of one model version as one batch; all or
         nothing."""
@@ -204,6 +222,7 @@ class SequenceCore:
             max_timesteps=self.config.max_timesteps,
         )
         op = ManyStepOp(sessions, inputs, reset, return_state)
+        op.deadline_s, op.cancelled = deadline_s, cancelled
         return model, self._submit_admitted(sessions[0], op, len(sessions)).result()
 
     def write_state(
@@ -218,13 +237,12 @@ class SequenceCore:
         values = None if state is None else check_state(model, state, "state")
         self._run(StateOp("write", session, values))
 
-    def read_state(
-        self, session_id: str, caller: str | None = None
-    ) -> tuple[ServedModel, list[np.ndarray], int]:
+    def read_state(self, session_id: str, caller: str | None = None):
+        """(model, state, timesteps, step number) of a session."""
         session = self.sessions.get(session_id, caller)
         model, _ = self._runtime(session)
-        values, timesteps = self._run(StateOp("read", session))
-        return model, values, timesteps
+        values, timesteps, step_number = self._run(StateOp("read", session))
+        return model, values, timesteps, step_number
 
     def end_session(self, session_id: str, caller: str | None = None) -> int:
         """Returns the session's timesteps; steps submitted before still apply."""
@@ -237,6 +255,18 @@ class SequenceCore:
         """Frees an ended session's state once its submitted steps have applied;
         returns its timesteps."""
         return self._release(session).result()
+
+    def export_session(self, session_id: str, caller: str | None = None) -> bytes:
+        """The session in the snapshot format; it stays live."""
+        session = self.sessions.get(session_id, caller)
+        return snapshots.export_session(self, session)
+
+    def import_session(
+        self, data: bytes, caller: str | None = None, client: str = ""
+    ) -> tuple[Session, ServedModel]:
+        """Creates an exported session under its own id, owned by `caller`;
+        all or nothing."""
+        return snapshots.import_session(self, data, caller, client)
 
     def queue_depth(self, model_name: str) -> int:
         """Operations queued for every loaded version of the model."""
@@ -266,6 +296,14 @@ class SequenceCore:
             reason = session.end_reason or ENDED_BY_CLIENT
             raise NotFound(ended_message(session.id, reason))
         return entry
+
+    def run_on_model(self, model: ServedModel, apply, sessions=()):
+        """Runs `apply(store)` on the executor of the model's version, in order
+        with the other operations of `sessions`; returns its result."""
+        entry = self.versions.get(_key(model))
+        if entry is None:
+            raise NotFound(f"model {model.name!r} version {model.version} is gone")
+        return entry[1].submit(StoreOp(apply, list(sessions))).result()
 
     def _submit_admitted(self, session: Session, op: StepOp | ManyStepOp, steps: int):
         """Queues a step if its model's admission lets it in, else raises

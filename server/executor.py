@@ -13,9 +13,11 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
+from . import sequencing
 from .device_state import TensorFlowStateStore
 from .errors import NotFound, Unavailable
 from .metrics import ModelStats
@@ -37,6 +39,9 @@ class StepOp:
         default_factory=concurrent.futures.Future
     )
     submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
+    step_number: int = 0  # 0: unnumbered (see sequencing.py)
+    deadline_s: float | None = None  # time.monotonic() after which it must not run
+    cancelled: Callable[[], bool] | None = None  # true once the call is over
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,6 +68,20 @@ class ManyStepOp:
         default_factory=concurrent.futures.Future
     )
     submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
+    deadline_s: float | None = None
+    cancelled: Callable[[], bool] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class StoreOp:
+    """Runs `apply(store)` on the executor's thread, between other operations
+    (snapshots and restores); `sessions` are those it must stay in order with."""
+
+    apply: Callable
+    sessions: list[Session] = dataclasses.field(default_factory=list)
+    future: concurrent.futures.Future = dataclasses.field(
+        default_factory=concurrent.futures.Future
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +89,7 @@ class ManyStepResult:
     outputs: list[np.ndarray]  # each [sessions, ...]
     state: list[np.ndarray] | None  # each [sessions, units]
     timesteps: list[int]
+    step_numbers: list[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +97,7 @@ class StepResult:
     outputs: list[np.ndarray]
     state: list[np.ndarray] | None
     timesteps: int
+    step_number: int = 0
 
 
 class ModelExecutor:
@@ -216,7 +237,9 @@ class ModelExecutor:
                 _settle(op, self._execute_many)
             pending = later
 
-    def _apply_state_op(self, op: StateOp):
+    def _apply_state_op(self, op: StateOp | StoreOp):
+        if isinstance(op, StoreOp):
+            return op.apply(self._store)
         session = op.session
         if op.kind == "start":
             session.slot = self._store.allocate()
@@ -228,7 +251,11 @@ class ModelExecutor:
             session.timesteps = 0
             return None
         if op.kind == "read":
-            return self._store.read(session.slot), session.timesteps
+            return (
+                self._store.read(session.slot),
+                session.timesteps,
+                session.step_number,
+            )
         if op.kind == "release":
             session.released = True
             self._store.release(session.slot)
@@ -236,12 +263,7 @@ class ModelExecutor:
         raise ValueError(f"unknown state operation {op.kind!r}")
 
     def _run_steps(self, steps: list[StepOp]) -> None:
-        live = []
-        for op in steps:
-            if op.session.released:
-                op.future.set_exception(NotFound(_ended_message(op.session)))
-            else:
-                live.append(op)
+        live = [op for op in steps if sequencing.admit(op)]
         if not live:
             return
         try:
@@ -257,7 +279,7 @@ class ModelExecutor:
             return
         self.stats.record_steps(live)
         for op, result in zip(live, results):
-            op.future.set_result(result)
+            op.future.set_result(sequencing.record(op, result))
 
     def _execute(self, steps: list[StepOp]) -> list[StepResult]:
         slots = np.fromiter((op.session.slot for op in steps), np.intp, len(steps))
@@ -279,7 +301,8 @@ class ModelExecutor:
             op.session.timesteps = before + len(op.inputs)
             state = [s[row] for s in states] if op.return_state else None
             outputs_row = [o[row] for o in outputs]
-            results.append(StepResult(outputs_row, state, op.session.timesteps))
+            number = op.session.step_number + 1  # counted by sequencing.record
+            results.append(StepResult(outputs_row, state, op.session.timesteps, number))
         return results
 
     def _run_model(self, inputs, states, has_output):
@@ -306,6 +329,7 @@ class ModelExecutor:
     def _execute_many(self, op: ManyStepOp) -> ManyStepResult:
         for session in op.sessions:
             _require_live(session)
+        sequencing.check_call(op)
         slots = np.fromiter((s.slot for s in op.sessions), np.intp, len(op.sessions))
         if op.reset:
             states = self.model.zero_states(len(slots))
@@ -322,7 +346,9 @@ class ModelExecutor:
             session.timesteps = (0 if op.reset else session.timesteps) + length
         timesteps = [session.timesteps for session in op.sessions]
         self.stats.record_many(op)
-        return ManyStepResult(outputs, states if op.return_state else None, timesteps)
+        state = states if op.return_state else None
+        step_numbers = sequencing.advance(op.sessions)
+        return ManyStepResult(outputs, state, timesteps, step_numbers)
 
 
 def _take(queue: collections.deque, most: int) -> list:
@@ -333,10 +359,10 @@ def _take(queue: collections.deque, most: int) -> list:
 
 
 def _sessions(op) -> list[Session]:
-    return op.sessions if isinstance(op, ManyStepOp) else [op.session]
+    return op.sessions if isinstance(op, ManyStepOp | StoreOp) else [op.session]
 
 
-def _settle(op: StateOp | ManyStepOp, apply) -> None:
+def _settle(op: StateOp | ManyStepOp | StoreOp, apply) -> None:
     # Errors go to the caller, which logs unexpected ones once, at the boundary.
     try:
         op.future.set_result(apply(op))

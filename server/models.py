@@ -6,6 +6,8 @@ with a log line that names the layer and why; the others still load.
 """
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import time
@@ -76,6 +78,16 @@ class ServedModel:
         self._numpy = compile_numpy(model, analysis) if execution == "auto" else None
         # Batches of at least this many sessions run through TensorFlow.
         self._tensorflow_from_batch = 0 if self._numpy is None else 1 << 62
+
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """SHA-256 over the weights: tells a retrained model from the same one."""
+        digest = hashlib.sha256()
+        for weight in self._model.weights:
+            value = np.ascontiguousarray(weight.numpy())
+            digest.update(f"{weight.path}:{value.dtype}:{value.shape};".encode())
+            digest.update(value.tobytes())
+        return digest.hexdigest()
 
     @property
     def execution(self) -> str:

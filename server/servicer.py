@@ -8,6 +8,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
@@ -17,7 +18,7 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from . import tensors
 from .auth import caller_of, identity_of
 from .core import SequenceCore
-from .errors import SeqServeError
+from .errors import SeqServeError, StepOutOfOrder
 from .metrics import Metrics
 from .models import ServedModel
 from .parsing import refuse_unparsed
@@ -44,6 +45,8 @@ def _statuses(method):
         except SeqServeError as error:
             self.metrics.rejected(error.code)
             log.debug("%s refused: %s", method.__name__, error, extra=_about(request))
+            if error.trailing_metadata:
+                context.set_trailing_metadata(error.trailing_metadata)
             context.abort(error.code, _detail(error))
         except Exception:
             self.metrics.rejected(grpc.StatusCode.INTERNAL)
@@ -81,7 +84,7 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def Step(self, request, context):
-        model, future = self._submit(request, identity_of(context))
+        model, future = self._submit(request, identity_of(context), context)
         return _step_reply(model, future.result())
 
     @_statuses
@@ -93,10 +96,12 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             reset=request.reset,
             return_state=request.return_state,
             caller=identity_of(context),
+            **_call_limits(context),
         )
         reply = pb.StepManyResponse(
             outputs=[tensors.encode(x) for x in result.outputs],
             timesteps=result.timesteps,
+            step_numbers=result.step_numbers,
         )
         if result.state is not None:
             reply.state.CopyFrom(encode_state(model, result.state))
@@ -119,21 +124,22 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     def _submit_stream(self, requests, pending: queue.Queue, context, caller) -> None:
         try:
             for request in requests:
-                if not _put(pending, self._submit_step(request, caller), context):
+                step = self._submit_step(request, caller, context)
+                if not _put(pending, step, context):
                     return
         except grpc.RpcError:
             pass  # the client went away; nothing waits for the replies
         finally:
             _put(pending, _END_OF_STREAM, context)
 
-    def _submit_step(self, request, caller):
+    def _submit_step(self, request, caller, context):
         """(model, future) for an accepted step, or the error that refused it."""
         try:
-            return self._submit(request, caller)
+            return self._submit(request, caller, context)
         except Exception as error:
             return error
 
-    def _submit(self, request, caller):
+    def _submit(self, request, caller, context):
         """Decodes and submits one StepRequest; raises if it is refused."""
         refuse_unparsed(request)
         return self.core.submit_step(
@@ -143,6 +149,8 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             reset=request.reset,
             return_state=request.return_state,
             caller=caller,
+            step_number=request.step_number,
+            **_call_limits(context),
         )
 
     @_statuses
@@ -153,11 +161,13 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     @_statuses
     def GetState(self, request, context):
-        model, values, timesteps = self.core.read_state(
+        model, values, timesteps, step_number = self.core.read_state(
             request.session_id, identity_of(context)
         )
         return pb.GetStateResponse(
-            state=encode_state(model, values), timesteps=timesteps
+            state=encode_state(model, values),
+            timesteps=timesteps,
+            step_number=step_number,
         )
 
     @_statuses
@@ -170,6 +180,32 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
     def EndSession(self, request, context):
         timesteps = self.core.end_session(request.session_id, identity_of(context))
         return pb.EndSessionResponse(timesteps=timesteps)
+
+    @_statuses
+    def ExportSession(self, request, context):
+        data = self.core.export_session(request.session_id, identity_of(context))
+        return pb.ExportSessionResponse(session=data)
+
+    @_statuses
+    def ImportSession(self, request, context):
+        caller = caller_of(context)
+        session, model = self.core.import_session(
+            request.session, caller.identity, caller.client
+        )
+        return pb.ImportSessionResponse(
+            session_id=session.id,
+            model=model_info(model),
+            step_number=session.step_number,
+            timesteps=session.timesteps,
+        )
+
+
+def _call_limits(context) -> dict:
+    """The call's deadline (as time.monotonic()) and whether it is over, for
+    the executor to skip a step nobody waits for any more."""
+    remaining_s = context.time_remaining()
+    deadline_s = None if remaining_s is None else time.monotonic() + remaining_s
+    return {"deadline_s": deadline_s, "cancelled": lambda: not context.is_active()}
 
 
 def _next(pending: queue.Queue, context):
@@ -206,6 +242,10 @@ def _outcome(item, metrics: Metrics) -> pb.StepOutcome:
             raise item
         model, future = item
         return pb.StepOutcome(response=_step_reply(model, future.result()))
+    except StepOutOfOrder as error:
+        outcome = pb.StepOutcome(error=_error(error.code, str(error)))
+        outcome.error.expected_step_number = error.expected
+        return outcome
     except SeqServeError as error:
         metrics.rejected(error.code)
         return pb.StepOutcome(error=_error(error.code, _detail(error)))
@@ -231,6 +271,7 @@ def _step_reply(model: ServedModel, result) -> pb.StepResponse:
     reply = pb.StepResponse(
         outputs=[tensors.encode(x) for x in result.outputs],
         timesteps=result.timesteps,
+        step_number=result.step_number,
     )
     if result.state is not None:
         reply.state.CopyFrom(encode_state(model, result.state))

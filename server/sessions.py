@@ -47,6 +47,10 @@ class Session:
     started: bool = False
     released: bool = False  # set by the executor once the slot is freed
     end_reason: str = ""  # for calls already in flight when it ended
+    # Steps applied since start, numbered or not; only its executor changes it.
+    step_number: int = 0
+    # The reply of the last step if it was numbered, returned again on a repeat.
+    last_reply: object = None
     # The identity that started it, the only one that may use it; None when
     # auth is off. `client` is what the per-client limit counts.
     owner: str | None = None
@@ -156,6 +160,11 @@ class SessionRegistry:
                 session.last_used_s = now
                 self._live.move_to_end(session.id)
             return sessions
+
+    def started(self, model: str) -> list[Session]:
+        """The live, started sessions of one model, at this moment."""
+        with self._lock:
+            return [s for s in self._live.values() if s.model == model and s.started]
 
     def _refuse_item(self, index: int, session_id: str, caller: str | None) -> NoReturn:
         try:

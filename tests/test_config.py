@@ -104,7 +104,7 @@ def readme_settings() -> dict[str, list[str]]:
 
 
 def shown(default: object) -> str:
-    if default is None or default is False:
+    if default is None or default is False or default == "":
         return "off"
     return f"{default:g}" if isinstance(default, float) else str(default)
 

@@ -10,6 +10,7 @@ import pytest
 
 from seqserve.client import (
     AlreadyExistsError,
+    CancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -277,7 +278,8 @@ class FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.UNAVAILABLE, UnavailableError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
         (grpc.StatusCode.INTERNAL, SeqServeError),
-        (grpc.StatusCode.CANCELLED, SeqServeError),
+        (grpc.StatusCode.CANCELLED, CancelledError),
+        (grpc.StatusCode.ABORTED, SeqServeError),  # without an expected step number
     ],
 )
 def test_status_codes_map_to_exception_types(code, expected):

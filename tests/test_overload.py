@@ -64,7 +64,7 @@ def test_steps_past_the_limit_are_refused_before_they_are_queued():
         running.join(5)
         queued.result(timeout=5)
         assert core.admissions["fake"].queued == 0
-        _, values, timesteps = core.read_state(c)
+        _, values, timesteps, _ = core.read_state(c)
         assert timesteps == 0 and not values[0].any()  # the refusals changed nothing
         assert core.step(c, chunk(4))[1].timesteps == 1
     finally:

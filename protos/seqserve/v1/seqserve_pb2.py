@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/seqserve.proto\x12\x0bseqserve.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.seqserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\tStatePart\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0c\n\x04part\x18\x02 \x01(\t\x12\"\n\x05value\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Tensor\".\n\x05State\x12%\n\x05parts\x18\x01 \x03(\x0b\x32\x16.seqserve.v1.StatePart\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.seqserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"O\n\rStatePartSpec\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x12\n\nlayer_type\x18\x02 \x01(\t\x12\x0c\n\x04part\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x01(\x03\"\xc5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.seqserve.v1.TensorSpec\x12(\n\x07outputs\x18\x03 \x03(\x0b\x32\x17.seqserve.v1.TensorSpec\x12)\n\x05state\x18\x04 \x03(\x0b\x32\x1a.seqserve.v1.StatePartSpec\x12\x1c\n\x14outputs_per_timestep\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\x03\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.seqserve.v1.ModelInfo\"t\n\x13StartSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12)\n\rinitial_state\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x0f\n\x07version\x18\x04 \x01(\x03\"Q\n\x14StartSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.seqserve.v1.ModelInfo\"\x8e\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.seqserve.v1.Tensor\x12!\n\x05state\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.State\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x14\n\x0creturn_state\x18\x05 \x01(\x08\"j\n\x0cStepResponse\x12$\n\x07outputs\x18\x01 \x03(\x0b\x32\x13.seqserve.v1.Tensor\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x11\n\ttimesteps\x18\x03 \x01(\x03\"p\n\x0fStepManyRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.seqserve.v1.Tensor\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x14\n\x0creturn_state\x18\x04 \x01(\x08\"n\n\x10StepManyResponse\x12$\n\x07outputs\x18\x01 \x03(\x0b\x32\x13.seqserve.v1.Tensor\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x11\n\ttimesteps\x18\x03 \x03(\x03\"k\n\x0bStepOutcome\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x19.seqserve.v1.StepResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.ErrorH\x00\x42\x08\n\x06result\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"E\n\x0cResetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\"\x0f\n\rResetResponse\"%\n\x0fGetStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"H\n\x10GetStateResponse\x12!\n\x05state\x18\x01 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x11\n\ttimesteps\x18\x02 \x01(\x03\"H\n\x0fSetStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\"\x12\n\x10SetStateResponse\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x12\x45ndSessionResponse\x12\x11\n\ttimesteps\x18\x01 \x01(\x03*}\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x32\xa2\x05\n\x0fSequenceService\x12M\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x1f.seqserve.v1.ListModelsResponse\x12S\n\x0cStartSession\x12 .seqserve.v1.StartSessionRequest\x1a!.seqserve.v1.StartSessionResponse\x12;\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse\x12G\n\x08StepMany\x12\x1c.seqserve.v1.StepManyRequest\x1a\x1d.seqserve.v1.StepManyResponse\x12\x44\n\nStepStream\x12\x18.seqserve.v1.StepRequest\x1a\x18.seqserve.v1.StepOutcome(\x01\x30\x01\x12>\n\x05Reset\x12\x19.seqserve.v1.ResetRequest\x1a\x1a.seqserve.v1.ResetResponse\x12G\n\x08GetState\x12\x1c.seqserve.v1.GetStateRequest\x1a\x1d.seqserve.v1.GetStateResponse\x12G\n\x08SetState\x12\x1c.seqserve.v1.SetStateRequest\x1a\x1d.seqserve.v1.SetStateResponse\x12M\n\nEndSession\x12\x1e.seqserve.v1.EndSessionRequest\x1a\x1f.seqserve.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/seqserve.proto\x12\x0bseqserve.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.seqserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\tStatePart\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0c\n\x04part\x18\x02 \x01(\t\x12\"\n\x05value\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Tensor\".\n\x05State\x12%\n\x05parts\x18\x01 \x03(\x0b\x32\x16.seqserve.v1.StatePart\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.seqserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"O\n\rStatePartSpec\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x12\n\nlayer_type\x18\x02 \x01(\t\x12\x0c\n\x04part\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x01(\x03\"\xc5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.seqserve.v1.TensorSpec\x12(\n\x07outputs\x18\x03 \x03(\x0b\x32\x17.seqserve.v1.TensorSpec\x12)\n\x05state\x18\x04 \x03(\x0b\x32\x1a.seqserve.v1.StatePartSpec\x12\x1c\n\x14outputs_per_timestep\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\x03\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.seqserve.v1.ModelInfo\"t\n\x13StartSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12)\n\rinitial_state\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x0f\n\x07version\x18\x04 \x01(\x03\"Q\n\x14StartSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.seqserve.v1.ModelInfo\"\xa3\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.seqserve.v1.Tensor\x12!\n\x05state\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.State\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x14\n\x0creturn_state\x18\x05 \x01(\x08\x12\x13\n\x0bstep_number\x18\x06 \x01(\x03\"\x7f\n\x0cStepResponse\x12$\n\x07outputs\x18\x01 \x03(\x0b\x32\x13.seqserve.v1.Tensor\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x11\n\ttimesteps\x18\x03 \x01(\x03\x12\x13\n\x0bstep_number\x18\x04 \x01(\x03\"p\n\x0fStepManyRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.seqserve.v1.Tensor\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x14\n\x0creturn_state\x18\x04 \x01(\x08\"\x84\x01\n\x10StepManyResponse\x12$\n\x07outputs\x18\x01 \x03(\x0b\x32\x13.seqserve.v1.Tensor\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x11\n\ttimesteps\x18\x03 \x03(\x03\x12\x14\n\x0cstep_numbers\x18\x04 \x03(\x03\"k\n\x0bStepOutcome\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x19.seqserve.v1.StepResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.ErrorH\x00\x42\x08\n\x06result\"D\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1c\n\x14\x65xpected_step_number\x18\x03 \x01(\x03\"E\n\x0cResetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\"\x0f\n\rResetResponse\"%\n\x0fGetStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"]\n\x10GetStateResponse\x12!\n\x05state\x18\x01 \x01(\x0b\x32\x12.seqserve.v1.State\x12\x11\n\ttimesteps\x18\x02 \x01(\x03\x12\x13\n\x0bstep_number\x18\x03 \x01(\x03\"H\n\x0fSetStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.State\"\x12\n\x10SetStateResponse\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x12\x45ndSessionResponse\x12\x11\n\ttimesteps\x18\x01 \x01(\x03\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x45xportSessionResponse\x12\x0f\n\x07session\x18\x01 \x01(\x0c\"\'\n\x14ImportSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\"z\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.seqserve.v1.ModelInfo\x12\x13\n\x0bstep_number\x18\x03 \x01(\x03\x12\x11\n\ttimesteps\x18\x04 \x01(\x03*}\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x32\xd2\x06\n\x0fSequenceService\x12M\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x1f.seqserve.v1.ListModelsResponse\x12S\n\x0cStartSession\x12 .seqserve.v1.StartSessionRequest\x1a!.seqserve.v1.StartSessionResponse\x12;\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse\x12G\n\x08StepMany\x12\x1c.seqserve.v1.StepManyRequest\x1a\x1d.seqserve.v1.StepManyResponse\x12\x44\n\nStepStream\x12\x18.seqserve.v1.StepRequest\x1a\x18.seqserve.v1.StepOutcome(\x01\x30\x01\x12>\n\x05Reset\x12\x19.seqserve.v1.ResetRequest\x1a\x1a.seqserve.v1.ResetResponse\x12G\n\x08GetState\x12\x1c.seqserve.v1.GetStateRequest\x1a\x1d.seqserve.v1.GetStateResponse\x12G\n\x08SetState\x12\x1c.seqserve.v1.SetStateRequest\x1a\x1d.seqserve.v1.SetStateResponse\x12M\n\nEndSession\x12\x1e.seqserve.v1.EndSessionRequest\x1a\x1f.seqserve.v1.EndSessionResponse\x12V\n\rExportSession\x12!.seqserve.v1.ExportSessionRequest\x1a\".seqserve.v1.ExportSessionResponse\x12V\n\rImportSession\x12!.seqserve.v1.ImportSessionRequest\x1a\".seqserve.v1.ImportSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.v1.seqserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1897
-  _globals['_DATATYPE']._serialized_end=2022
+  _globals['_DATATYPE']._serialized_start=2264
+  _globals['_DATATYPE']._serialized_end=2389
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=118
   _globals['_STATEPART']._serialized_start=120
@@ -54,33 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTSESSIONRESPONSE']._serialized_start=809
   _globals['_STARTSESSIONRESPONSE']._serialized_end=890
   _globals['_STEPREQUEST']._serialized_start=893
-  _globals['_STEPREQUEST']._serialized_end=1035
-  _globals['_STEPRESPONSE']._serialized_start=1037
-  _globals['_STEPRESPONSE']._serialized_end=1143
-  _globals['_STEPMANYREQUEST']._serialized_start=1145
-  _globals['_STEPMANYREQUEST']._serialized_end=1257
-  _globals['_STEPMANYRESPONSE']._serialized_start=1259
-  _globals['_STEPMANYRESPONSE']._serialized_end=1369
-  _globals['_STEPOUTCOME']._serialized_start=1371
-  _globals['_STEPOUTCOME']._serialized_end=1478
-  _globals['_ERROR']._serialized_start=1480
-  _globals['_ERROR']._serialized_end=1518
-  _globals['_RESETREQUEST']._serialized_start=1520
-  _globals['_RESETREQUEST']._serialized_end=1589
-  _globals['_RESETRESPONSE']._serialized_start=1591
-  _globals['_RESETRESPONSE']._serialized_end=1606
-  _globals['_GETSTATEREQUEST']._serialized_start=1608
-  _globals['_GETSTATEREQUEST']._serialized_end=1645
-  _globals['_GETSTATERESPONSE']._serialized_start=1647
-  _globals['_GETSTATERESPONSE']._serialized_end=1719
-  _globals['_SETSTATEREQUEST']._serialized_start=1721
-  _globals['_SETSTATEREQUEST']._serialized_end=1793
-  _globals['_SETSTATERESPONSE']._serialized_start=1795
-  _globals['_SETSTATERESPONSE']._serialized_end=1813
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1815
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1854
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1856
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1895
-  _globals['_SEQUENCESERVICE']._serialized_start=2025
-  _globals['_SEQUENCESERVICE']._serialized_end=2699
+  _globals['_STEPREQUEST']._serialized_end=1056
+  _globals['_STEPRESPONSE']._serialized_start=1058
+  _globals['_STEPRESPONSE']._serialized_end=1185
+  _globals['_STEPMANYREQUEST']._serialized_start=1187
+  _globals['_STEPMANYREQUEST']._serialized_end=1299
+  _globals['_STEPMANYRESPONSE']._serialized_start=1302
+  _globals['_STEPMANYRESPONSE']._serialized_end=1434
+  _globals['_STEPOUTCOME']._serialized_start=1436
+  _globals['_STEPOUTCOME']._serialized_end=1543
+  _globals['_ERROR']._serialized_start=1545
+  _globals['_ERROR']._serialized_end=1613
+  _globals['_RESETREQUEST']._serialized_start=1615
+  _globals['_RESETREQUEST']._serialized_end=1684
+  _globals['_RESETRESPONSE']._serialized_start=1686
+  _globals['_RESETRESPONSE']._serialized_end=1701
+  _globals['_GETSTATEREQUEST']._serialized_start=1703
+  _globals['_GETSTATEREQUEST']._serialized_end=1740
+  _globals['_GETSTATERESPONSE']._serialized_start=1742
+  _globals['_GETSTATERESPONSE']._serialized_end=1835
+  _globals['_SETSTATEREQUEST']._serialized_start=1837
+  _globals['_SETSTATEREQUEST']._serialized_end=1909
+  _globals['_SETSTATERESPONSE']._serialized_start=1911
+  _globals['_SETSTATERESPONSE']._serialized_end=1929
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1931
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1970
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1972
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=2011
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2013
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2055
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=2057
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=2097
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=2099
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=2138
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=2140
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=2262
+  _globals['_SEQUENCESERVICE']._serialized_start=2392
+  _globals['_SEQUENCESERVICE']._serialized_end=3242
 # @@protoc_insertion_point(module_scope)

@@ -329,11 +329,20 @@ class StepRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     RETURN_STATE_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     reset: _builtins.bool
     """Reset to zeros before stepping."""
     return_state: _builtins.bool
     """Return the state after this step."""
+    step_number: _builtins.int
+    """Optional; 0 leaves the step unnumbered. Otherwise it must be the
+    session's step_number + 1, and the step applies exactly once: sent again
+    after it applied, it returns the same reply without touching the state.
+    Any other number is refused with ABORTED and the expected number, in the
+    trailing metadata `seqserve-expected-step` (unary) or in
+    Error.expected_step_number (stream).
+    """
     @_builtins.property
     def inputs(self) -> Global___Tensor:
         """Shape [timesteps, *features] for the model's input, timesteps >= 1."""
@@ -350,10 +359,11 @@ class StepRequest(_message.Message):
         state: Global___State | None = ...,
         reset: _builtins.bool = ...,
         return_state: _builtins.bool = ...,
+        step_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "reset", b"reset", "return_state", b"return_state", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "reset", b"reset", "return_state", b"return_state", "session_id", b"session_id", "state", b"state", "step_number", b"step_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,9 +376,14 @@ class StepResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TIMESTEPS_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
     timesteps: _builtins.int
     """Timesteps applied since the session started or its state was last reset
     or set.
+    """
+    step_number: _builtins.int
+    """Steps applied to the session since it started, numbered or not: the
+    number of this step.
     """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
@@ -384,10 +399,11 @@ class StepResponse(_message.Message):
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
         state: Global___State | None = ...,
         timesteps: _builtins.int = ...,
+        step_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "state", b"state", "timesteps", b"timesteps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "state", b"state", "step_number", b"step_number", "timesteps", b"timesteps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,6 +457,7 @@ class StepManyResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TIMESTEPS_FIELD_NUMBER: _builtins.int
+    STEP_NUMBERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
         """One per model output, with a leading sessions axis in request order:
@@ -456,16 +473,21 @@ class StepManyResponse(_message.Message):
     def timesteps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Per session, as in StepResponse."""
 
+    @_builtins.property
+    def step_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per session, as in StepResponse."""
+
     def __init__(
         self,
         *,
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
         state: Global___State | None = ...,
         timesteps: _abc.Iterable[_builtins.int] | None = ...,
+        step_numbers: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "state", b"state", "timesteps", b"timesteps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "state", b"state", "step_numbers", b"step_numbers", "timesteps", b"timesteps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -507,18 +529,22 @@ class Error(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    EXPECTED_STEP_NUMBER_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value, as in a gRPC status."""
     message: _builtins.str
+    expected_step_number: _builtins.int
+    """With code ABORTED: the step number the session expects next."""
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        expected_step_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expected_step_number", b"expected_step_number", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -589,7 +615,10 @@ class GetStateResponse(_message.Message):
 
     STATE_FIELD_NUMBER: _builtins.int
     TIMESTEPS_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
     timesteps: _builtins.int
+    step_number: _builtins.int
+    """The number of the last step applied to the session (0: none yet)."""
     @_builtins.property
     def state(self) -> Global___State: ...
     def __init__(
@@ -597,10 +626,11 @@ class GetStateResponse(_message.Message):
         *,
         state: Global___State | None = ...,
         timesteps: _builtins.int = ...,
+        step_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "timesteps", b"timesteps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "step_number", b"step_number", "timesteps", b"timesteps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -681,3 +711,90 @@ class EndSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
+
+@_typing.final
+class ExportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionRequest: _TypeAlias = ExportSessionRequest  # noqa: Y015
+
+@_typing.final
+class ExportSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.bytes
+    """Opaque; give it to ImportSession on a server that serves the same model."""
+    def __init__(
+        self,
+        *,
+        session: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionResponse: _TypeAlias = ExportSessionResponse  # noqa: Y015
+
+@_typing.final
+class ImportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        session: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSessionRequest: _TypeAlias = ImportSessionRequest  # noqa: Y015
+
+@_typing.final
+class ImportSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
+    TIMESTEPS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    step_number: _builtins.int
+    timesteps: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelInfo: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        model: Global___ModelInfo | None = ...,
+        step_number: _builtins.int = ...,
+        timesteps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "session_id", b"session_id", "step_number", b"step_number", "timesteps", b"timesteps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSessionResponse: _TypeAlias = ImportSessionResponse  # noqa: Y015

@@ -79,6 +79,16 @@ class SequenceServiceStub:
                 request_serializer=seqserve_dot_v1_dot_seqserve__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.EndSessionResponse.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/seqserve.v1.SequenceService/ExportSession',
+                request_serializer=seqserve_dot_v1_dot_seqserve__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/seqserve.v1.SequenceService/ImportSession',
+                request_serializer=seqserve_dot_v1_dot_seqserve__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SequenceServiceServicer:
@@ -150,6 +160,23 @@ class SequenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSession(self, request, context):
+        """Returns one session (state, step number, model and its version, last
+        reply) as opaque bytes in the snapshot format; the session stays live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """Creates an exported session on this server under its own id:
+        ALREADY_EXISTS if that id is live, INVALID_ARGUMENT if the bytes are
+        corrupt or do not match the loaded model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SequenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +224,16 @@ def add_SequenceServiceServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.EndSessionRequest.FromString,
                     response_serializer=seqserve_dot_v1_dot_seqserve__pb2.EndSessionResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.ExportSessionRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_seqserve__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.ImportSessionRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_seqserve__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +479,60 @@ class SequenceService:
             '/seqserve.v1.SequenceService/EndSession',
             seqserve_dot_v1_dot_seqserve__pb2.EndSessionRequest.SerializeToString,
             seqserve_dot_v1_dot_seqserve__pb2.EndSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SequenceService/ExportSession',
+            seqserve_dot_v1_dot_seqserve__pb2.ExportSessionRequest.SerializeToString,
+            seqserve_dot_v1_dot_seqserve__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SequenceService/ImportSession',
+            seqserve_dot_v1_dot_seqserve__pb2.ImportSessionRequest.SerializeToString,
+            seqserve_dot_v1_dot_seqserve__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,15 @@ class SequenceServiceStub:
     """Replaces every recurrent layer's state of a session."""
     EndSession: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.EndSessionRequest, _seqserve_pb2.EndSessionResponse]
     """Ends a session and frees its state. Ending an ended session is NOT_FOUND."""
+    ExportSession: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.ExportSessionRequest, _seqserve_pb2.ExportSessionResponse]
+    """Returns one session (state, step number, model and its version, last
+    reply) as opaque bytes in the snapshot format; the session stays live.
+    """
+    ImportSession: _grpc.UnaryUnaryMultiCallable[_seqserve_pb2.ImportSessionRequest, _seqserve_pb2.ImportSessionResponse]
+    """Creates an exported session on this server under its own id:
+    ALREADY_EXISTS if that id is live, INVALID_ARGUMENT if the bytes are
+    corrupt or do not match the loaded model.
+    """
 
 @_typing.type_check_only
 class SequenceServiceAsyncStub(SequenceServiceStub):
@@ -88,6 +97,15 @@ class SequenceServiceAsyncStub(SequenceServiceStub):
     """Replaces every recurrent layer's state of a session."""
     EndSession: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.EndSessionRequest, _seqserve_pb2.EndSessionResponse]  # type: ignore[assignment]
     """Ends a session and frees its state. Ending an ended session is NOT_FOUND."""
+    ExportSession: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.ExportSessionRequest, _seqserve_pb2.ExportSessionResponse]  # type: ignore[assignment]
+    """Returns one session (state, step number, model and its version, last
+    reply) as opaque bytes in the snapshot format; the session stays live.
+    """
+    ImportSession: _aio.UnaryUnaryMultiCallable[_seqserve_pb2.ImportSessionRequest, _seqserve_pb2.ImportSessionResponse]  # type: ignore[assignment]
+    """Creates an exported session on this server under its own id:
+    ALREADY_EXISTS if that id is live, INVALID_ARGUMENT if the bytes are
+    corrupt or do not match the loaded model.
+    """
 
 class SequenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -167,5 +185,26 @@ class SequenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_seqserve_pb2.EndSessionResponse, _abc.Awaitable[_seqserve_pb2.EndSessionResponse]]:
         """Ends a session and frees its state. Ending an ended session is NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ExportSession(
+        self,
+        request: _seqserve_pb2.ExportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_seqserve_pb2.ExportSessionResponse, _abc.Awaitable[_seqserve_pb2.ExportSessionResponse]]:
+        """Returns one session (state, step number, model and its version, last
+        reply) as opaque bytes in the snapshot format; the session stays live.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request: _seqserve_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_seqserve_pb2.ImportSessionResponse, _abc.Awaitable[_seqserve_pb2.ImportSessionResponse]]:
+        """Creates an exported session on this server under its own id:
+        ALREADY_EXISTS if that id is live, INVALID_ARGUMENT if the bytes are
+        corrupt or do not match the loaded model.
+        """
 
 def add_SequenceServiceServicer_to_server(servicer: SequenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
