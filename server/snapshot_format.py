@@ -25,6 +25,11 @@ MAGIC = b"SEQSNAP\x00"
 FORMAT_VERSION = 1
 DTYPES = ("<f4", "<f8", "<i4", "<i8", "|b1")
 _DIGEST_BYTES = 32
+# Step numbers and timestep counts above this are refused: a session that
+# continues from one must still count up within int64.
+MAX_COUNT = 2**62
+# Wall-clock times are seconds since 1970 and before 2242 (2**33 s).
+MAX_WALL_S = 2.0**33
 
 
 class SnapshotRefused(ValueError):
@@ -130,7 +135,14 @@ def decode(data: bytes) -> tuple[dict, list[SessionRecord]]:
         return _parse(body)
     except SnapshotRefused:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as error:
+    except (
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        OverflowError,
+        RecursionError,  # JSON nested too deep
+    ) as error:
         raise SnapshotRefused(f"malformed contents ({type(error).__name__})") from None
 
 
@@ -177,35 +189,83 @@ def _verified_body(data: bytes) -> memoryview:
 def _parse(body: memoryview) -> tuple[dict, list[SessionRecord]]:
     (length,) = struct.unpack("<I", body[:4])
     header = json.loads(bytes(body[4 : 4 + length]))
-    if header["format"] != FORMAT_VERSION:
+    version = header["format"]
+    if type(version) is not int or version != FORMAT_VERSION:
         raise SnapshotRefused(
-            f"format: expected version {FORMAT_VERSION}, received {header['format']!r}"
+            f"format: expected version {FORMAT_VERSION}, received {version!r}"
         )
     arrays = _arrays(header["arrays"], body[4 + length :])
     found = header["layout"]
-    ids = [str(i) for i in header["ids"]]
-    owners = [None if o is None else str(o) for o in header["owners"]]
-    clients = [str(c) for c in header["clients"]]
-    if not len(ids) == len(owners) == len(clients):
-        raise SnapshotRefused("ids, owners and clients: expected one per session")
-    columns = {name: arrays[i].tolist() for name, i in header["columns"].items()}
+    if not isinstance(found, dict):
+        raise SnapshotRefused(f"layout: expected an object, received {found!r}")
+    ids = _texts(header["ids"], "ids")
+    sessions = len(ids)
+    owners = _texts(header["owners"], "owners", sessions, none_allowed=True)
+    clients = _texts(header["clients"], "clients", sessions)
+    columns = {
+        name: _column(arrays[i], name, sessions)
+        for name, i in header["columns"].items()
+    }
+    if sorted(columns) != sorted(COLUMNS):
+        raise SnapshotRefused(f"columns: expected {sorted(COLUMNS)}")
     states = [
-        _states_part(arrays[i], part, len(ids))
+        _states_part(arrays[i], part, sessions)
         for i, part in zip(header["states"], found["state"], strict=True)
     ]
     flags = arrays[header["has_output"]]
-    if flags.dtype != bool or flags.shape != (len(ids), found["recurrent_layers"]):
+    if flags.dtype != bool or flags.shape != (sessions, found["recurrent_layers"]):
         raise SnapshotRefused(f"has_output: unexpected shape {flags.shape}")
-    replies = {int(row): _reply(r, arrays) for row, r in header["replies"]}
+    replies = {}
+    for row, reply in header["replies"]:
+        if type(row) is not int or not 0 <= row < sessions or row in replies:
+            raise SnapshotRefused(
+                f"replies: expected distinct rows below {sessions}, received {row!r}"
+            )
+        replies[row] = _reply(reply, arrays)
     records = [
         _record(ids[row], {k: v[row] for k, v in columns.items()}, replies.get(row))
-        for row in range(len(ids))
+        for row in range(sessions)
     ]
     for row, record in enumerate(records):
+        if record.version != found["version"]:
+            raise SnapshotRefused(
+                f"session {record.id!r}: expected the layout's version "
+                f"{found['version']!r}, received {record.version}"
+            )
         record.owner, record.client = owners[row], clients[row]
         record.state = [part[row] for part in states]
         record.has_output = flags[row].tolist()
     return found, records
+
+
+def _texts(values, what: str, count: int | None = None, none_allowed=False) -> list:
+    """A list of strings (or None where allowed), `count` long when given."""
+    if (
+        not isinstance(values, list)
+        or (count is not None and len(values) != count)
+        or not all(isinstance(v, str) or (none_allowed and v is None) for v in values)
+    ):
+        expected = "a string or null" if none_allowed else "a string"
+        raise SnapshotRefused(f"{what}: expected {expected} for each session")
+    return values
+
+
+def _column(array: np.ndarray, name: str, sessions: int) -> list:
+    if array.dtype != COLUMNS[name] or array.shape != (sessions,):
+        raise SnapshotRefused(
+            f"{name}: expected {np.dtype(COLUMNS[name])} [{sessions}], received "
+            f"{array.dtype} {list(array.shape)}"
+        )
+    return array.tolist()
+
+
+def _count(value, what: str, low: int = 0) -> int:
+    """An integer (not a boolean) from `low` to MAX_COUNT."""
+    if type(value) is not int or not low <= value <= MAX_COUNT:
+        raise SnapshotRefused(
+            f"{what}: expected an integer from {low} to 2**62, received {value!r}"
+        )
+    return value
 
 
 def _arrays(table: list, blob: memoryview) -> list[np.ndarray]:
@@ -235,23 +295,27 @@ def _reply(reply: dict, arrays) -> StepResult:
     return StepResult(
         outputs=[arrays[i] for i in reply["outputs"]],
         state=None if state_ids is None else [arrays[i] for i in state_ids],
-        timesteps=int(reply["timesteps"]),
-        step_number=int(reply["step_number"]),
+        timesteps=_count(reply["timesteps"], "reply timesteps", 1),
+        step_number=_count(reply["step_number"], "reply step_number", 1),
     )
 
 
 def _record(session_id: str, values: dict, reply) -> SessionRecord:
-    if min(values["step_numbers"], values["timesteps"]) < 0:
-        raise SnapshotRefused("step_number and timesteps: expected 0 or more")
+    for name in ("created_wall_s", "last_used_wall_s"):
+        if not 0 <= values[name] < MAX_WALL_S:  # also refuses NaN
+            raise SnapshotRefused(
+                f"session {session_id!r}: {name} expected seconds since 1970, "
+                f"received {values[name]!r}"
+            )
     return SessionRecord(
         id=session_id,
         owner=None,
         client="",
-        version=int(values["versions"]),
-        step_number=int(values["step_numbers"]),
-        timesteps=int(values["timesteps"]),
-        created_wall_s=float(values["created_wall_s"]),
-        last_used_wall_s=float(values["last_used_wall_s"]),
+        version=_count(values["versions"], "version", 1),
+        step_number=_count(values["step_numbers"], "step_number"),
+        timesteps=_count(values["timesteps"], "timesteps"),
+        created_wall_s=values["created_wall_s"],
+        last_used_wall_s=values["last_used_wall_s"],
         state=[],
         has_output=[],
         last_reply=reply,

@@ -66,7 +66,7 @@ def import_session(
 
 def _version(found: dict) -> int:
     version = found.get("version")
-    if not isinstance(version, int) or version < 1:
+    if type(version) is not int or version < 1:  # True is an int too
         raise InvalidArgument(f"session: expected a model version, found {version!r}")
     return version
 
@@ -83,7 +83,7 @@ def adopt(
     `reason` is "restored" for a session from a snapshot file."""
     parts = [(p.layer, p.part, v) for p, v in zip(model.state_parts, record.state)]
     check_state(model, parts, "session state")
-    _check_reply(model, record.last_reply)
+    _check_reply(model, record)
     model = core.versions.acquire(model.name, model.version)  # counts the session
     try:
         session = core.sessions.add(model.name, record.id, caller, client)
@@ -105,21 +105,48 @@ def adopt(
     return session
 
 
-def _check_reply(model: ServedModel, reply) -> None:
-    """A kept reply is sent again as it is: it must be one this model gives."""
+def _check_reply(model: ServedModel, record: SessionRecord) -> None:
+    """A kept reply is sent again as it is: it must be one this model gives, of
+    the session's last step."""
+    reply = record.last_reply
     if reply is None:
         return
-    state = reply.state or []
-    if (
-        len(reply.outputs) != len(model.outputs)
-        or any(x.dtype.kind not in "fi" for x in reply.outputs)
-        or (reply.state is not None and len(state) != len(model.state_parts))
-        or any(x.dtype != np.float32 for x in state)
+    if reply.step_number != record.step_number or reply.timesteps != record.timesteps:
+        raise InvalidArgument(
+            f"session last reply: expected step {record.step_number} after "
+            f"{record.timesteps} timesteps, received step {reply.step_number} "
+            f"after {reply.timesteps}"
+        )
+    for spec, value in zip(model.outputs, reply.outputs, strict=False):
+        if not _fits(value, spec.dtype, spec.shape, reply.timesteps):
+            steps = f" (-1: 1 to {reply.timesteps})" if -1 in spec.shape else ""
+            raise InvalidArgument(
+                f"session last reply output {spec.name!r}: expected {spec.dtype} "
+                f"{list(spec.shape)}{steps}, received {value.dtype} "
+                f"{list(value.shape)}"
+            )
+    parts = model.state_parts
+    if len(reply.outputs) != len(model.outputs) or not (
+        reply.state is None
+        or len(reply.state) == len(parts)
+        and all(_fits(x, np.float32, (p.units,), 0) for x, p in zip(reply.state, parts))
     ):
         raise InvalidArgument(
-            f"session last reply: expected {len(model.outputs)} numeric outputs "
-            f"and, if any, {len(model.state_parts)} float32 state parts"
+            f"session last reply: expected {len(model.outputs)} outputs and, if "
+            f"any, {len(parts)} float32 state parts"
         )
+
+
+def _fits(value: np.ndarray, dtype, shape: tuple, timesteps: int) -> bool:
+    """`value` has `dtype` and `shape`, whose -1 stands for 1 to `timesteps`."""
+    return (
+        value.dtype == dtype
+        and value.ndim == len(shape)
+        and all(
+            1 <= n <= timesteps if want == -1 else n == want
+            for n, want in zip(value.shape, shape)
+        )
+    )
 
 
 def _read(sessions: list[Session], store) -> Capture:
@@ -267,7 +294,7 @@ def _restore(core, path: Path) -> int:
     except OSError as error:
         raise SnapshotRefused(f"unreadable ({error.strerror})") from None
     try:
-        model = core.model(str(found.get("model")), int(found.get("version", 0)))
+        model = core.model(str(found.get("model")), _version(found))
     except (SeqServeError, TypeError, ValueError):
         raise SnapshotRefused(
             f"model {found.get('model')!r} version {found.get('version')!r} is not "

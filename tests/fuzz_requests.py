@@ -17,6 +17,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 INVALID = StatusCode.INVALID_ARGUMENT
 NOT_FOUND = StatusCode.NOT_FOUND
 ALREADY_EXISTS = StatusCode.ALREADY_EXISTS
+ABORTED = StatusCode.ABORTED
 MAX_TIMESTEPS = 16  # the fuzzed server's --max-timesteps, so "too long" is cheap
 
 ITEMSIZE = {pb.DATA_TYPE_FLOAT32: 4, pb.DATA_TYPE_FLOAT64: 8}

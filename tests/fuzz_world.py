@@ -3,7 +3,8 @@
 Two target sessions per model may be addressed by fuzzed requests; a canary
 never is. After each example: the canary's state is what it was, each target's
 state is what it was unless a request addressed to it succeeded (and is finite
-either way), and a valid step with reset still gives Keras' outputs.
+either way), and a valid step with reset still gives Keras' outputs. The world
+also keeps one exported session (ended since), for fuzzed imports.
 """
 
 import collections
@@ -16,6 +17,8 @@ import numpy as np
 from grpc import StatusCode
 from hypothesis import HealthCheck, settings
 
+from seqserve.v1 import admin_pb2 as admin_pb
+from seqserve.v1 import admin_pb2_grpc as admin_grpc
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -39,6 +42,7 @@ from small_models import (
 
 CANARY = "canary-5e2d07"
 ALIVE = "alive-91ab4c"
+EXPORTED = "exported-3c1f"
 SERVICE = "/seqserve.v1.SequenceService/"
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 
@@ -83,6 +87,7 @@ class FuzzWorld:
     def __init__(self, stub, channel: grpc.Channel, keras_models):
         self.stub = stub
         self.channel = channel
+        self.admin = admin_grpc.AdminServiceStub(channel)
         self.keras_models = keras_models
         self.sent: collections.Counter[str] = collections.Counter()
         self.codes: collections.Counter[str] = collections.Counter()
@@ -97,12 +102,14 @@ class FuzzWorld:
         for model in MODELS:
             for index in range(TARGETS_PER_MODEL):
                 self._restore_target(model, index)
+        self.export, self.exported_state = self._export_ended(rng)
 
     def call(self, method: str, request) -> tuple[StatusCode, object]:
         """Sends one fuzzed request; returns its status code and reply (or None)."""
         self.sent[method] += 1
+        stub = self.admin if hasattr(self.admin, method) else self.stub
         try:
-            reply = getattr(self.stub, method)(request, timeout=TIMEOUT_S)
+            reply = getattr(stub, method)(request, timeout=TIMEOUT_S)
             code = StatusCode.OK
         except grpc.RpcError as error:
             code, reply = error.code(), None
@@ -138,6 +145,36 @@ class FuzzWorld:
                 else:
                     assert self._snapshot(session_id) == self.baselines[session_id]
         self._assert_alive()
+
+    def step_numbers(self) -> dict[str, int]:
+        """Each target's step number, as of the last check."""
+        return {i: snapshot.step_number for i, snapshot in self.baselines.items()}
+
+    def check_imported(self, reply: pb.ImportSessionResponse, exact: bool) -> None:
+        """An imported session works like any other and can be ended; `exact`:
+        it is the exported session, unchanged."""
+        session_id = reply.session_id
+        described = self.admin.DescribeSession(
+            admin_pb.DescribeSessionRequest(session_id=session_id), timeout=TIMEOUT_S
+        ).session
+        assert (described.model, described.version) == (reply.model.name, 1)
+        listed = self.admin.ListSessions(admin_pb.ListSessionsRequest())
+        assert session_id in [s.session_id for s in listed.sessions]
+        snapshot = self._snapshot(session_id)
+        if exact:
+            assert snapshot.state == self.exported_state.state
+            assert snapshot.step_number == self.exported_state.step_number
+        for part in snapshot.state.parts:
+            assert np.isfinite(np.frombuffer(part.value.data, "<f4")).all(), part
+        step = pb.StepRequest(
+            session_id=session_id,
+            inputs=tensor(self.alive_inputs),
+            step_number=reply.step_number + 1,
+        )
+        stepped = self.stub.Step(step, timeout=TIMEOUT_S)
+        assert np.isfinite(outputs(stepped)).all()
+        assert stepped.step_number == reply.step_number + 1
+        self.stub.EndSession(pb.EndSessionRequest(session_id=session_id))
 
     def expect_state(self, session_id: str, reply: pb.StepResponse) -> None:
         """After a stream: the stored state is the last accepted step's."""
@@ -188,6 +225,20 @@ class FuzzWorld:
         if history is not None:
             step = pb.StepRequest(session_id=session_id, inputs=tensor(history))
             self.stub.Step(step, timeout=TIMEOUT_S)
+
+    def _export_ended(self, rng) -> tuple[bytes, pb.GetStateResponse]:
+        """An export of a session with a numbered last step, which has ended
+        since, so that importing the bytes as they are succeeds."""
+        self._start(EXPORTED, "lstm", frames(rng, 3))
+        step = pb.StepRequest(
+            session_id=EXPORTED, inputs=tensor(frames(rng, 2)), step_number=2
+        )
+        self.stub.Step(step, timeout=TIMEOUT_S)
+        state = self._snapshot(EXPORTED)
+        request = pb.ExportSessionRequest(session_id=EXPORTED)
+        data = self.stub.ExportSession(request, timeout=TIMEOUT_S).session
+        self.stub.EndSession(pb.EndSessionRequest(session_id=EXPORTED))
+        return data, state
 
     def _snapshot(self, session_id: str) -> pb.GetStateResponse:
         request = pb.GetStateRequest(session_id=session_id)

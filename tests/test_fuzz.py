@@ -17,9 +17,12 @@ from grpc import StatusCode
 from hypothesis import given
 from hypothesis import strategies as st
 
+from seqserve.v1 import admin_pb2 as admin_pb
 from seqserve.v1 import seqserve_pb2 as pb
 
+from fuzz_exports import import_bytes
 from fuzz_requests import (
+    ABORTED,
     ALREADY_EXISTS,
     INVALID,
     MODELS,
@@ -59,7 +62,8 @@ def _model_of(drawn_id: Drawn, draw) -> str:
 
 
 @st.composite
-def step_requests(draw):
+def step_requests(draw, numbers: dict[str, int] | None = None):
+    """Steps; numbered ones too when `numbers` gives each target's step number."""
     session = draw(session_ids())
     spec = MODELS[_model_of(session, draw)]
     inputs = draw(inputs_for(spec))
@@ -67,6 +71,10 @@ def step_requests(draw):
     request.reset = draw(st.booleans())
     request.return_state = draw(st.booleans())
     parts = [session, inputs]
+    if numbers is not None:
+        number = draw(step_numbers(numbers.get(session.value, 0)))
+        request.step_number = number.value
+        parts.append(number)
     if draw(st.booleans()):
         state = draw(states_for(spec))
         request.state.CopyFrom(state.value)
@@ -98,6 +106,25 @@ def step_many_requests(draw):
         return_state=draw(st.booleans()),
     )
     return request, expected_codes(*parts, inputs), set(values)
+
+
+@st.composite
+def step_numbers(draw, current: int) -> Drawn:
+    """A step number for a session whose last step was `current`: none, the
+    next, a repeat (answered from the kept reply if that step was numbered,
+    else refused), one out of order, or a negative one."""
+    kind = draw(st.sampled_from(["none", "next", "next", "repeat", "other"]))
+    if kind == "none":
+        return Drawn(0)
+    if kind == "next":
+        return Drawn(current + 1)
+    if kind == "repeat" and current:
+        return Drawn(current, frozenset({StatusCode.OK, ABORTED}))
+    if draw(st.booleans()):  # malformed, whatever the session's number
+        return Drawn(draw(st.sampled_from([-1, -(2**63)])), frozenset({INVALID}))
+    others = [current + 2, current - 1, 2**63 - 1, 2**62]
+    wrong = draw(st.sampled_from([n for n in others if n > 0 and n != current + 1]))
+    return Drawn(wrong, frozenset({ABORTED}))
 
 
 def coherent_ids():
@@ -146,11 +173,44 @@ def state_requests(draw, method: str):
     return request, expected_codes(*parts), {session.value}
 
 
+ID_ONLY = {
+    "GetState": pb.GetStateRequest,
+    "EndSession": pb.EndSessionRequest,
+    "ExportSession": pb.ExportSessionRequest,
+    "DescribeSession": admin_pb.DescribeSessionRequest,
+    "EvictSession": admin_pb.EvictSessionRequest,
+}
+
+
 @st.composite
 def id_only_requests(draw, method: str):
     session = draw(session_ids())
-    kind = {"GetState": pb.GetStateRequest, "EndSession": pb.EndSessionRequest}[method]
-    return kind(session_id=session.value), expected_codes(session), {session.value}
+    request = ID_ONLY[method](session_id=session.value)
+    return request, expected_codes(session), {session.value}
+
+
+@st.composite
+def list_sessions_requests(draw):
+    model = draw(st.sampled_from(["", *sorted(MODELS), "no_such_model"]))
+    size = draw(st.sampled_from([0, 1, 3, 1000, 1001, -1, 2**31 - 1, -(2**31)]))
+    token = draw(st.text(max_size=30) | st.sampled_from(["target-", "~"]))
+    request = admin_pb.ListSessionsRequest(
+        model=model, page_size=size, page_token=token
+    )
+    problems = {NOT_FOUND} if model == "no_such_model" else set()
+    if not 0 <= size <= 1000:
+        problems.add(INVALID)
+    return request, expected_codes(Drawn(None, frozenset(problems))), set()
+
+
+@st.composite
+def evict_sessions_requests(draw):
+    """Never a valid one: that would end the canary."""
+    model = draw(st.sampled_from(["", "no_such_model"]) | long_texts())
+    all_models = draw(st.booleans()) if model else False
+    expected = INVALID if all_models or not model else NOT_FOUND
+    request = admin_pb.EvictSessionsRequest(model=model, all_models=all_models)
+    return request, frozenset({expected}), set()
 
 
 # The tests -------------------------------------------------------------------
@@ -166,9 +226,16 @@ def run_unary(world: FuzzWorld, method: str, drawn) -> None:
 
 
 @fuzz_settings(500)
-@given(drawn=step_requests())
-def test_step(world, drawn):
-    run_unary(world, "Step", drawn)
+@given(data=st.data())
+def test_step(world, data):
+    request, expected, addressed = data.draw(step_requests(world.step_numbers()))
+    code, _ = world.call("Step", request)
+    assert_code(code, expected)
+    repeat = request.step_number and request.step_number == world.step_numbers().get(
+        request.session_id
+    )
+    # A repeat answered from the kept reply must not touch the state.
+    world.check(addressed if code == StatusCode.OK and not repeat else set())
 
 
 @fuzz_settings(400)
@@ -196,6 +263,55 @@ def test_reset_and_set_state(world, method, data):
 @given(method=st.sampled_from(["GetState", "EndSession"]), data=st.data())
 def test_get_state_and_end_session(world, method, data):
     run_unary(world, method, data.draw(id_only_requests(method)))
+
+
+@fuzz_settings(100)
+@given(data=st.data())
+def test_export_session(world, data):
+    request, expected, _ = data.draw(id_only_requests("ExportSession"))
+    code, reply = world.call("ExportSession", request)
+    assert_code(code, expected)
+    if code == StatusCode.OK:  # of a live target: importing it again is refused
+        again = pb.ImportSessionRequest(session=reply.session)
+        assert world.call("ImportSession", again)[0] == ALREADY_EXISTS
+    world.check()
+
+
+@fuzz_settings(400)
+@given(data=st.data())
+def test_import_session(world, data):
+    drawn = data.draw(import_bytes(world.export))
+    request = pb.ImportSessionRequest(session=drawn.value)
+    code, reply = world.call("ImportSession", request)
+    assert_code(code, expected_codes(drawn))
+    if code == StatusCode.OK:
+        world.check_imported(reply, exact=drawn.value == world.export)
+    world.check()
+
+
+@fuzz_settings(150)
+@given(
+    method=st.sampled_from(["DescribeSession", "EvictSession", "ListSessions"]),
+    data=st.data(),
+)
+def test_admin(world, method, data):
+    if method == "ListSessions":
+        request, expected, _ = data.draw(list_sessions_requests())
+        code, reply = world.call(method, request)
+        assert_code(code, expected)
+        if code == StatusCode.OK:
+            ids = [s.session_id for s in reply.sessions]
+            assert ids == sorted(ids) and reply.total >= len(ids)
+            assert all(i > request.page_token for i in ids)
+        world.check()
+    else:
+        run_unary(world, method, data.draw(id_only_requests(method)))
+
+
+@fuzz_settings(30)
+@given(drawn=evict_sessions_requests())
+def test_evict_sessions(world, drawn):
+    run_unary(world, "EvictSessions", drawn)
 
 
 @fuzz_settings(10)
