@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import threadpoolctl
 
-from seqserve.v1 import admin_pb2_grpc, seqserve_pb2
+from seqserve.v1 import admin_pb2, seqserve_pb2
 
 from .admin_servicer import AdminServicer
 from .config import Config
@@ -105,7 +105,11 @@ class App:
             seqserve_pb2.DESCRIPTOR.services_by_name["SequenceService"],
             self.server,
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(self._admin, self.server)
+        add_to_server(
+            self._admin,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+            self.server,
+        )
         self.health = Health(self.server)
         enable_reflection(self.server)
         address = f"{config.host}:{config.port}"

@@ -37,6 +37,7 @@ STARTED_RESTORED = (
 )
 LAYOUT = {
     "model": "m",
+    "version": 1,
     "state": [["r", "LSTM", "h", 3], ["r", "LSTM", "c", 3]],
     "recurrent_layers": 1,
 }
