@@ -12,6 +12,7 @@ from .errors import (
     ResourceExhaustedError,
     SeqServeError,
     StepOutOfOrderError,
+    StepSkippedError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "State",
     "StatePartInfo",
     "StepOutOfOrderError",
+    "StepSkippedError",
     "TensorInfo",
     "UnauthenticatedError",
     "UnavailableError",

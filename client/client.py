@@ -10,7 +10,6 @@ each part of shape [units] for one session.
 """
 
 import dataclasses
-import queue
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
@@ -19,13 +18,9 @@ import numpy as np
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from . import retries, tensors
+from . import retries, streams, tensors
 from .conversions import Outputs, State, cast, outputs_of, state_to_proto
-from .errors import (
-    SeqServeError,
-    from_code,
-    from_rpc_error,
-)
+from .errors import SeqServeError
 from .retries import RetryPolicy
 from .session import Session
 
@@ -204,42 +199,23 @@ class Client:
     ) -> Iterator[Outputs | SeqServeError]:
         """Sends (session, inputs) pairs on one stream; yields, in the same order,
         each step's outputs, or the typed error that refused that step (the
-        stream goes on). Steps of one session apply in the order sent.
+        stream goes on). Steps of one session apply in the order sent. `steps`
+        may be a live generator; it is read on another thread as the stream
+        goes.
 
-        `numbered`: each step carries its session's next step number, so a
-        refused step also refuses the later steps of its session already sent
-        (StepOutOfOrderError): none applies out of order. The stream itself is
-        not retried; resend from `session.step_number + 1`.
+        `numbered`: each step carries its session's next step number, and none
+        applies out of order. Once a step of a session is refused, every later
+        step of that session on this stream yields `StepSkippedError` without
+        applying: those sent before the refusal came back are refused by the
+        server, the others are not sent. That lasts until the session resyncs
+        (`session.sync()`, or `session.resume_from(n)` after a restore), which
+        the caller may do while the stream goes on; its steps then go out from
+        `session.step_number + 1`. A refusal's error carries the number it was
+        sent with (`step_number`, so `server_behind` holds on streams too).
+        The stream itself is not retried: after a broken stream, resend from
+        `session.step_number + 1`.
         """
-        sent: queue.SimpleQueue = queue.SimpleQueue()
-
-        def requests():
-            for session, inputs in steps:
-                sent.put(session)
-                yield pb.StepRequest(
-                    session_id=session.id,
-                    inputs=tensors.to_proto(cast(inputs, session.model.input.dtype)),
-                    step_number=session._claim_number() if numbered else 0,
-                )
-
-        try:
-            replies = self._stub.StepStream(
-                requests(), timeout=None, metadata=self._metadata
-            )
-            for outcome in replies:
-                session = sent.get()
-                if outcome.HasField("error"):
-                    error = outcome.error
-                    session._unclaim()
-                    yield from_code(
-                        error.code, error.message, error.expected_step_number
-                    )
-                    continue
-                session.timesteps = outcome.response.timesteps
-                session.step_number = outcome.response.step_number
-                yield outputs_of(outcome.response.outputs)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        return streams.step_stream(self._stub, self._metadata, steps, numbered)
 
     def close(self) -> None:
         self._channel.close()

@@ -63,6 +63,23 @@ class StepOutOfOrderError(SeqServeError):
         )
 
 
+class StepSkippedError(SeqServeError):
+    """A numbered stream step that did not apply because an earlier step of its
+    session on the same stream was refused (`FAILED_PRECONDITION`, set by the
+    client: the server never sends it).
+
+    The client did not send it (`step_number` None), or sent it before it saw
+    that refusal and the server refused its number (`step_number` is the
+    number sent). `expected_step_number` is the number the server expects
+    next, as far as the client knows. Resync the session (`Session.sync()`,
+    or `resume_from` after a restore), then send the step again.
+    """
+
+    def __init__(self, details: str, expected: int):
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, details)
+        self.expected_step_number = expected
+
+
 class UnauthenticatedError(SeqServeError):
     """The call carried no token, or one the server does not know."""
 

@@ -31,9 +31,9 @@ class Session:
     DEADLINE_EXCEEDED, CANCELLED) or that was refused unapplied
     (RESOURCE_EXHAUSTED): the server applies it once and answers a repeat
     with the same reply. Steps from several threads are sent one at a time.
-    If a step still fails with an unknown outcome, `sync()` (called by the
-    next step) reads the server's step number: it equals the error's
-    `step_number` if the step applied.
+    If a step still fails with an unknown outcome, sending the same step
+    again is safe (see `step`); `sync()` reads the server's step number: it
+    equals the error's `step_number` if the step applied.
 
     After a server restored from a periodic snapshot (a crash), a step raises
     `StepOutOfOrderError` with `server_behind` true: call
@@ -50,9 +50,10 @@ class Session:
         self.timesteps = 0  # as last reported by the server
         # The number of the last step the server reported applied.
         self.step_number = 0
-        self._claimed = 0  # the last number sent, on a numbered stream
         self._lock = threading.Lock()  # one numbered step at a time
-        self._unsure = False  # the outcome of the last numbered step is unknown
+        # The last numbered step, while its outcome is unknown.
+        self._unresolved: pb.StepRequest | None = None
+        self._resyncs = 0  # calls of sync() and resume_from(), for streams
 
     def sync(self) -> int:
         """Reads the server's step number (and timesteps); returns it."""
@@ -62,7 +63,8 @@ class Session:
             retries.FOR_READS,
         )
         self.timesteps, self.step_number = reply.timesteps, reply.step_number
-        self._unsure = False
+        self._unresolved = None
+        self._resyncs += 1
         return self.step_number
 
     def resume_from(self, step_number: int) -> None:
@@ -70,7 +72,8 @@ class Session:
         if step_number < 1:
             raise ValueError(f"step_number: expected 1 or more, received {step_number}")
         self.step_number = step_number - 1
-        self._unsure = False
+        self._unresolved = None
+        self._resyncs += 1
 
     def step(
         self, inputs: np.ndarray, *, state: State | None = None, reset: bool = False
@@ -80,6 +83,14 @@ class Session:
         One array for a single-output model, else a tuple. Each has a leading
         timesteps axis when the model outputs per timestep. `state` replaces
         the stored state for this step; `reset` starts it from zeros.
+
+        Numbered (the default): when the last step failed with its outcome
+        unknown (retries ran out), a step with the same inputs, `state` and
+        `reset` (and the same call, `step` or `step_with_state`) is that step
+        sent again under its number: it applies once, whether the first try
+        had applied or not, and returns its outputs. A step with anything else
+        first reads the server's step number (`sync()`) and follows what did
+        apply.
         """
         outputs, _ = self._step(inputs, state, reset, return_state=False)
         return outputs
@@ -152,25 +163,27 @@ class Session:
         return outputs_of(reply.outputs), state
 
     def _numbered_step(self, request: pb.StepRequest) -> pb.StepResponse:
-        if self._unsure:
-            self.sync()
-        request.step_number = self.step_number + 1
+        unresolved = self._unresolved
+        if unresolved is not None:
+            request.step_number = unresolved.step_number
+            if request != unresolved:
+                self.sync()
+        if self._unresolved is None:
+            request.step_number = self.step_number + 1
         try:
-            return self._client._call(
+            reply = self._client._call(
                 self._client._stub.Step, request, retries.FOR_NUMBERED_STEPS
             )
         except SeqServeError as error:
             error.step_number = request.step_number
-            self._unsure = error.code in retries.FOR_NUMBERED_STEPS
+            unknown = error.code in retries.FOR_NUMBERED_STEPS
+            self._unresolved = request if unknown else None
             raise
+        self._unresolved = None
+        return reply
 
-    def _claim_number(self) -> int:
+    def _next_number(self, claimed: int) -> int:
+        """The next number on a numbered stream that sent up to `claimed`; waits
+        for a unary numbered step in flight."""
         with self._lock:
-            self._claimed = max(self._claimed, self.step_number) + 1
-            return self._claimed
-
-    def _unclaim(self) -> None:
-        """After a refused stream step: later numbers restart from the last
-        applied one (those already sent are refused in order before them)."""
-        with self._lock:
-            self._claimed = self.step_number
+            return max(claimed, self.step_number) + 1

@@ -13,7 +13,15 @@ import grpc
 import numpy as np
 import pytest
 
-from seqserve.client import Client, StepOutOfOrderError
+from seqserve.client import (
+    Client,
+    InvalidArgumentError,
+    RetryPolicy,
+    SeqServeError,
+    StepOutOfOrderError,
+    StepSkippedError,
+    UnavailableError,
+)
 from seqserve.server.config import Config
 from seqserve.server.core import SequenceCore
 from seqserve.server.errors import (
@@ -30,7 +38,14 @@ from conftest import running_server
 from fake_model import FakeModel, chunk, reference
 from lossy_channel import dropping_client
 from rpc_helpers import refusal, stub_for, tensor
-from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
+from small_models import (
+    FEATURES,
+    frames,
+    lstm_model,
+    offline_outputs,
+    offline_state,
+    save_models,
+)
 
 WAIT_S = 10
 
@@ -256,3 +271,157 @@ def test_a_numbered_client_stream_and_unary_steps_share_one_count(app, keras_lst
     np.testing.assert_allclose(
         np.concatenate(streamed), offline_outputs(keras_lstm, sequence), atol=1e-5
     )
+
+
+def assert_matches_offline(keras_model, sequence, streamed, state):
+    np.testing.assert_allclose(
+        np.concatenate(streamed), offline_outputs(keras_model, sequence), atol=1e-5
+    )
+    h, c = offline_state(keras_model, "lstm", sequence)
+    np.testing.assert_allclose(state["h"], h, atol=1e-5)
+    np.testing.assert_allclose(state["c"], c, atol=1e-5)
+
+
+def test_after_a_refused_stream_step_no_later_step_applies_until_a_resync(
+    app, keras_lstm
+):
+    """A live generator: chunk 1, a refused step, then more chunks of the same
+    session, some produced only once the refusal was seen."""
+    sequence = frames(np.random.default_rng(7), 8)
+    chunks = np.split(sequence, 4)
+    wrong_width = np.ones((2, FEATURES + 1), np.float32)
+    refusal_seen, resynced = threading.Event(), threading.Event()
+    with Client(f"127.0.0.1:{app.port}") as client:
+        session = client.start_session("lstm")
+
+        def steps():
+            yield session, chunks[0]
+            yield session, wrong_width
+            yield session, chunks[1]  # sent, or not yet, when the refusal comes
+            refusal_seen.wait(WAIT_S)
+            yield session, chunks[2]  # produced after the refusal
+            resynced.wait(WAIT_S)
+            yield from ((session, c) for c in chunks[1:])
+
+        outcomes = []
+        for outcome in client.step_stream(steps(), numbered=True):
+            outcomes.append(outcome)
+            if len(outcomes) == 2:
+                refusal_seen.set()
+            if len(outcomes) == 4:
+                session.sync()
+                resynced.set()
+        state = session.get_state()["lstm"]
+
+    assert isinstance(outcomes[1], InvalidArgumentError)
+    assert [type(o) for o in outcomes[2:4]] == [StepSkippedError] * 2
+    assert all(o.expected_step_number == 2 for o in outcomes[2:4])
+    assert session.step_number == 4
+    assert_matches_offline(keras_lstm, sequence, [outcomes[0], *outcomes[4:]], state)
+
+
+def test_a_refusal_on_a_stream_holds_back_only_its_own_session(app, keras_lstm):
+    rng = np.random.default_rng(12)
+    sequences = [frames(rng, 8), frames(rng, 8)]
+    chunks = [np.split(sequence, 4) for sequence in sequences]
+    chunks[0][1] = np.full((2, 3), np.nan, np.float32)  # refused: not finite
+    with Client(f"127.0.0.1:{app.port}") as client:
+        held, going = client.start_session("lstm"), client.start_session("lstm")
+        pairs = [
+            (s, chunks[i][k]) for k in range(4) for i, s in enumerate((held, going))
+        ]
+        outcomes = list(client.step_stream(pairs, numbered=True))
+        state = going.get_state()["lstm"]
+        held.sync()
+
+    assert isinstance(outcomes[2], InvalidArgumentError)
+    assert [type(o) for o in outcomes[4::2]] == [StepSkippedError] * 2
+    assert (held.step_number, going.step_number) == (1, 4)
+    assert_matches_offline(keras_lstm, sequences[1], outcomes[1::2], state)
+
+
+def test_a_stream_refusal_tells_that_the_server_is_behind(app):
+    x = frames(np.random.default_rng(8), 2)
+    with Client(f"127.0.0.1:{app.port}") as client:
+        session = client.start_session("lstm")
+        session.step(x)
+        session.step(x)
+        session.step_number = 5  # as if the server had lost steps 3 to 5
+        (behind,) = client.step_stream([(session, x)], numbered=True)
+        session.resume_from(behind.expected_step_number)
+        (resumed,) = client.step_stream([(session, x)], numbered=True)
+
+    assert isinstance(behind, StepOutOfOrderError) and behind.server_behind
+    assert (behind.step_number, behind.expected_step_number) == (6, 3)
+    assert isinstance(resumed, np.ndarray) and session.step_number == 3
+
+
+ONE_RETRY = RetryPolicy(attempts=2, initial_backoff_s=0.001, max_backoff_s=0.001)
+
+
+@pytest.mark.parametrize("lost", ["reply", "request"])
+def test_the_same_inputs_after_an_unknown_outcome_apply_once(app, keras_lstm, lost):
+    """Retries run out with the outcome unknown; the caller sends the same
+    inputs again, whether the server had applied them or not."""
+    sequence = frames(np.random.default_rng(9), 6)
+    first, second = np.split(sequence, 2)
+    client, dropper = dropping_client(app, every=10**9, retry=ONE_RETRY)
+    with client, client.start_session("lstm") as session:
+        dropper.losing = lost
+        with pytest.raises(UnavailableError) as unknown:
+            session.step(first)
+        dropper.losing = None
+        streamed = [session.step(first), session.step(second)]
+        state = session.get_state()["lstm"]
+
+    assert unknown.value.step_number == 1
+    assert session.step_number == 2
+    assert_matches_offline(keras_lstm, sequence, streamed, state)
+
+
+def test_other_inputs_after_an_unknown_outcome_follow_the_applied_step(app, keras_lstm):
+    sequence = frames(np.random.default_rng(10), 6)
+    first, second = np.split(sequence, 2)
+    client, dropper = dropping_client(app, every=10**9, retry=ONE_RETRY)
+    with client, client.start_session("lstm") as session:
+        dropper.losing = "reply"  # step 1 applies; its replies are lost
+        with pytest.raises(UnavailableError):
+            session.step(first)
+        dropper.losing = None
+        streamed = [session.step(second)]
+        state = session.get_state()["lstm"]
+
+    assert session.step_number == 2
+    np.testing.assert_allclose(
+        streamed[0], offline_outputs(keras_lstm, sequence)[3:], atol=1e-5
+    )
+    h, c = offline_state(keras_lstm, "lstm", sequence)
+    np.testing.assert_allclose(state["h"], h, atol=1e-5)
+
+
+def test_a_stream_whose_server_stops_while_the_generator_waits_raises(
+    tmp_path, keras_lstm
+):
+    """A closed loop: the generator waits for each outcome before the next step;
+    the server stops meanwhile. The caller hears of it at once."""
+    directory = save_models(tmp_path, {"lstm": keras_lstm})
+    answered, finished = threading.Event(), threading.Event()
+    with running_server(directory) as app, Client(f"127.0.0.1:{app.port}") as client:
+        session = client.start_session("lstm")
+
+        def steps():
+            yield session, frames(np.random.default_rng(11), 1)
+            answered.wait(WAIT_S)
+            finished.wait(WAIT_S)  # not set until the stream is over
+
+        outcomes = client.step_stream(steps(), numbered=True)
+        assert isinstance(next(outcomes), np.ndarray)
+        app.stop(grace_s=0)
+        answered.set()
+        started_s = time.monotonic()
+        with pytest.raises(SeqServeError):
+            next(outcomes)
+        waited_s = time.monotonic() - started_s
+        finished.set()
+
+    assert waited_s < WAIT_S / 2
