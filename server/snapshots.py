@@ -276,7 +276,7 @@ def restore_all(core, directory: Path) -> int:
         try:
             restored += _restore(core, path)
         except SnapshotRefused as error:
-            aside = path.with_name(f"{path.name}.refused-{int(time.time())}")
+            aside = _aside(path)
             path.replace(aside)
             log.error(
                 "snapshot %s refused: %s; starting without its sessions (file kept "
@@ -286,6 +286,14 @@ def restore_all(core, directory: Path) -> int:
                 aside.name,
             )
     return restored
+
+
+def _aside(path: Path) -> Path:
+    """`<name>.refused-<time in ns>`, unique: an earlier refusal is never replaced."""
+    stamp = time.time_ns()
+    while (aside := path.with_name(f"{path.name}.refused-{stamp}")).exists():
+        stamp += 1  # a coarse clock, or refusals within one tick
+    return aside
 
 
 def _restore(core, path: Path) -> int:

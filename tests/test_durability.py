@@ -116,6 +116,9 @@ def test_sessions_continue_through_sigterm_and_replay_through_kill(
     snapshot = tmp_path / "snap" / "lstm@1.snapshot"
     flags = ["--model-dir", str(model_dir), "--snapshot-dir", str(snapshot.parent)]
     flags += ["--snapshot-interval-s", "0.5"]
+    # No drain: during one the load would go on at full speed to its end
+    # (test_health.py covers the drain).
+    flags += ["--drain-s", "0"]
     log = tmp_path / "server.log"
     server = ServerProcess(port, log, *flags)
     channel = fast_reconnect_channel(port)

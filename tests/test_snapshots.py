@@ -4,8 +4,10 @@ Crash and SIGTERM against real server processes are in test_durability.py.
 """
 
 import logging
+import types
 
 import grpc
+import keras
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from seqserve.client import (
     PermissionDeniedError,
 )
 from seqserve.client.tensors import to_numpy
+from seqserve.server import snapshots
 from seqserve.server.config import Config
 from seqserve.server.executor import StepResult
 from seqserve.server.snapshot_format import (
@@ -29,7 +32,14 @@ from seqserve.v1 import seqserve_pb2 as pb
 from admin_helpers import scrape
 from conftest import running_server
 from rpc_helpers import status_of, stub_for, tensor
-from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
+from small_models import (
+    FEATURES,
+    frames,
+    lstm_model,
+    offline_outputs,
+    offline_state,
+    save_models,
+)
 
 STARTED_RESTORED = (
     "seqserve_sessions_started_total",
@@ -200,6 +210,57 @@ def test_a_snapshot_of_a_changed_model_is_refused(
     assert [r.levelno for r in caplog.records if r.levelno >= logging.ERROR] == [
         logging.ERROR
     ]
+
+
+def watch_model(units: int) -> keras.Model:
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((None, FEATURES), name="frames")
+    sequence = keras.layers.LSTM(units, return_sequences=True, name="lstm")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(sequence))
+
+
+def test_a_snapshot_of_a_model_whose_shape_changed_is_refused(tmp_path, caplog):
+    """The same name, LSTM units 4 then 5: the snapshot is set aside whole and
+    the server serves the new model."""
+    narrow, wide = watch_model(4), watch_model(5)
+    for name in ("narrow", "wide"):
+        (tmp_path / name).mkdir()
+    narrow_dir = save_models(tmp_path / "narrow", {"watch": narrow})
+    wide_dir = save_models(tmp_path / "wide", {"watch": wide})
+    snapshot_dir = tmp_path / "snap"
+    with running_server(narrow_dir, snapshot_dir=str(snapshot_dir)) as app:
+        with client_of(app) as client:
+            client.start_session("watch").step(np.ones((2, FEATURES), np.float32))
+    written = (snapshot_dir / "watch@1.snapshot").read_bytes()
+    x = frames(np.random.default_rng(4), 5)
+    with caplog.at_level(logging.ERROR, logger="seqserve.server.snapshots"):
+        with running_server(wide_dir, snapshot_dir=str(snapshot_dir)) as app:
+            restored = len(app.core.sessions)
+            with client_of(app) as client:
+                (info,) = client.list_models()
+                outputs = client.start_session("watch").step(x)
+
+    refusals = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.levelno for r in refusals] == [logging.ERROR]
+    assert any("watch" in str(arg) for arg in refusals[0].args)
+    (aside,) = snapshot_dir.glob("watch@1.snapshot.refused-*")
+    assert aside.read_bytes() == written
+    assert restored == 0
+    assert [part.units for part in info.state] == [5, 5]
+    np.testing.assert_allclose(outputs, offline_outputs(wide, x), atol=1e-5)
+
+
+def test_refusals_within_one_clock_tick_keep_every_refused_file(tmp_path, monkeypatch):
+    frozen = types.SimpleNamespace(time=lambda: 1.7e9, time_ns=lambda: 17 * 10**17)
+    monkeypatch.setattr(snapshots, "time", frozen)
+    path = tmp_path / "lstm@1.snapshot"
+    for garbage in (b"first", b"second"):
+        path.write_bytes(garbage)
+        assert snapshots.restore_all(None, tmp_path) == 0  # refused before the core
+
+    kept = sorted(p.read_bytes() for p in tmp_path.glob("lstm@1.snapshot.refused-*"))
+    assert kept == [b"first", b"second"]
+    assert not path.exists()
 
 
 def test_an_exported_session_continues_exactly_on_another_server(
