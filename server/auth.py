@@ -5,13 +5,15 @@ name is the identity of whoever presents the token. With mutual TLS and no
 token file, the identity is the client certificate's common name. Sessions
 belong to the identity that started them (see `SessionRegistry`).
 
-The health service stays open: probes carry no token.
+The health service stays open: probes carry no token. The admin service takes
+its own tokens; with auth on and none configured, it is refused to everyone.
 """
 
 import dataclasses
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -89,7 +91,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
     servicer who is calling, through `caller_of(context)`.
 
     `tokens` None: no token needed, only the client certificate names the caller.
-    `admin_tokens` None: admin calls take the ordinary tokens.
+    `admin_tokens`: what admin calls take. None: with tokens or client
+    certificates, admin calls are refused (PERMISSION_DENIED): an ordinary
+    caller must not list or evict the sessions of others; with neither, they
+    are open. `rejected` counts each refused call by its status code.
     """
 
     def __init__(
@@ -97,10 +102,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         tokens: TokenTable | None,
         admin_tokens: TokenTable | None,
         certificates: bool,
+        rejected: Callable[[grpc.StatusCode], None] | None = None,
     ):
         self._tokens = tokens
         self._admin_tokens = admin_tokens
         self._certificates = certificates
+        self._auth_on = tokens is not None or certificates
+        self._rejected = rejected or (lambda code: None)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -108,14 +116,50 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
         tokens = self._tokens
-        if method.startswith(ADMIN_PREFIX) and self._admin_tokens is not None:
+        if method.startswith(ADMIN_PREFIX):
+            if self._admin_tokens is None and self._auth_on:
+                return self._refusal(handler, method, *ADMIN_OFF)
             tokens = self._admin_tokens
         identity = None
         if tokens is not None:
             identity = _token_identity(handler_call_details.invocation_metadata, tokens)
             if identity is None:
-                return _refusal(handler, method)
-        return _with_caller(handler, identity, self._certificates)
+                return self._refusal(handler, method, *NO_TOKEN)
+        return _with_caller(handler, identity, self._certificates, self._rejected)
+
+    def _refusal(self, handler, method: str, code: grpc.StatusCode, detail: str):
+        behavior, factory = _behavior(handler)
+        log.debug("refused %s: %s", method, detail)
+
+        def refuse(request, context):
+            self._rejected(code)
+            context.abort(code, detail)
+
+        if handler.response_streaming:
+
+            def refuse_stream(request, context):
+                refuse(request, context)
+                yield  # never reached; makes this a generator, as the kind requires
+
+            return factory(refuse_stream)
+        return factory(refuse)
+
+
+NO_TOKEN = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    "expected metadata `authorization: Bearer <token>` with a known token, "
+    "received none or an unknown one",
+)
+ADMIN_OFF = (
+    grpc.StatusCode.PERMISSION_DENIED,
+    "expected an admin token, but this server has none: admin calls are refused "
+    "while auth is on and --admin-token-file is not set; restart the server with "
+    "--admin-token-file to allow them",
+)
+NO_CERTIFICATE = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    "expected a client certificate with a common name, received none",
+)
 
 
 def caller_of(context) -> Caller:
@@ -159,57 +203,38 @@ class _CallerContext:
         return getattr(self._context, name)
 
 
-def _attach(context, identity: str | None, certificates: bool):
+def _attach(context, identity: str | None, certificates: bool, rejected):
     if identity is None and certificates:
         identity = _certificate_identity(context)
         if identity is None:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "expected a client certificate with a common name, received none",
-            )
+            rejected(NO_CERTIFICATE[0])
+            context.abort(*NO_CERTIFICATE)
     client = identity if identity is not None else _peer_host(context.peer())
     return _CallerContext(context, Caller(identity, client))
 
 
-def _with_caller(handler, identity: str | None, certificates: bool):
+def _with_caller(handler, identity: str | None, certificates: bool, rejected):
     """The same handler, with the caller attached to its context."""
     behavior, factory = _behavior(handler)
+
+    def attached(context):
+        return _attach(context, identity, certificates, rejected)
+
     if handler.response_streaming:
 
         def call(request, context):
-            yield from behavior(request, _attach(context, identity, certificates))
+            yield from behavior(request, attached(context))
 
     else:
 
         def call(request, context):
-            return behavior(request, _attach(context, identity, certificates))
+            return behavior(request, attached(context))
 
     return factory(
         call,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
-
-
-def _refusal(handler, method: str):
-    behavior, factory = _behavior(handler)
-    log.debug("refused %s: missing or unknown bearer token", method)
-
-    def refuse(request, context):
-        context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "expected metadata `authorization: Bearer <token>` with a known token, "
-            "received none or an unknown one",
-        )
-
-    if handler.response_streaming:
-
-        def refuse_stream(request, context):
-            refuse(request, context)
-            yield  # never reached; makes this a generator, as the kind requires
-
-        return factory(refuse_stream)
-    return factory(refuse)
 
 
 def _behavior(handler):

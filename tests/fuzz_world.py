@@ -44,6 +44,10 @@ CANARY = "canary-5e2d07"
 ALIVE = "alive-91ab4c"
 EXPORTED = "exported-3c1f"
 SERVICE = "/seqserve.v1.SequenceService/"
+ADMIN_SERVICE = "/seqserve.v1.AdminService/"
+ADMIN_METHODS = frozenset(
+    {"ListSessions", "DescribeSession", "EvictSession", "EvictSessions"}
+)
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 
 
@@ -91,6 +95,7 @@ class FuzzWorld:
         self.keras_models = keras_models
         self.sent: collections.Counter[str] = collections.Counter()
         self.codes: collections.Counter[str] = collections.Counter()
+        self.regressions: set[str] = set()  # fixed cases sent, by name
         self.baselines: dict[str, pb.GetStateResponse] = {}
         rng = np.random.default_rng(5)
         self.canary_history = frames(rng, 5)
@@ -119,7 +124,8 @@ class FuzzWorld:
     def call_raw(self, method: str, payload: bytes) -> tuple[StatusCode, bytes]:
         """Sends `payload` as the serialized request of a unary `method`."""
         self.sent[method] += 1
-        call = self.channel.unary_unary(SERVICE + method)  # bytes in, bytes out
+        service = ADMIN_SERVICE if method in ADMIN_METHODS else SERVICE
+        call = self.channel.unary_unary(service + method)  # bytes in, bytes out
         try:
             reply, code = call(payload, timeout=TIMEOUT_S), StatusCode.OK
         except grpc.RpcError as error:
@@ -131,7 +137,14 @@ class FuzzWorld:
         counts = ", ".join(f"{m} {n}" for m, n in sorted(self.sent.items()))
         codes = ", ".join(f"{c} {n}" for c, n in sorted(self.codes.items()))
         total = sum(self.sent.values())
-        return f"fuzzed requests: {total} ({counts}); statuses: {codes}"
+        return (
+            f"fuzzed requests: {total} ({counts}); statuses: {codes}; fixed "
+            f"regression cases: {len(self.regressions)}"
+        )
+
+    def taken_ids(self) -> frozenset[str]:
+        """The ids live between examples: an import under one is ALREADY_EXISTS."""
+        return frozenset({CANARY, ALIVE, *target_ids()})
 
     def check(self, changed: set[str] = frozenset()) -> None:
         """The checks after an example; `changed`: target ids a successful request

@@ -14,7 +14,7 @@ from seqserve.client import (
     UnauthenticatedError,
 )
 from seqserve.server.auth import AuthInterceptor, TokenTable, load_tokens
-from seqserve.server.config import Config
+from seqserve.server.config import Config, SettingError
 from seqserve.server.core import SequenceCore
 from seqserve.server.errors import NotFound, PermissionDenied
 from seqserve.server.session_admin import SessionAdmin
@@ -144,6 +144,37 @@ def test_an_admin_token_alone_leaves_the_session_calls_open(model, tmp_path):
             assert session.timesteps == 1
 
 
+def test_without_an_admin_token_file_no_user_token_reaches_the_admin_calls(app):
+    # With --token-file alone, a user token must not list or evict the
+    # sessions of others: every admin call is refused, whoever asks.
+    with client_for(app, token=ALICE) as alice:
+        session = alice.start_session("lstm")
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            calls = [
+                (admin.ListSessions, admin_pb2.ListSessionsRequest()),
+                (
+                    admin.DescribeSession,
+                    admin_pb2.DescribeSessionRequest(session_id=session.id),
+                ),
+                (
+                    admin.EvictSession,
+                    admin_pb2.EvictSessionRequest(session_id=session.id),
+                ),
+                (admin.EvictSessions, admin_pb2.EvictSessionsRequest(all_models=True)),
+            ]
+            for token in (BOB, ALICE, None):
+                for method, request in calls:
+                    with pytest.raises(grpc.RpcError) as caught:
+                        method(request, timeout=30, metadata=_bearer(token))
+                    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # The one requirement on the text: it names the setting to add.
+            assert "--admin-token-file" in caught.value.details()
+        session.step(np.zeros((1, 3), np.float32))  # still alice's, still live
+        assert session.timesteps == 1
+        session.close()
+
+
 def test_on_a_real_server_admin_calls_take_the_admin_token_and_health_is_open(
     model, tmp_path
 ):
@@ -229,6 +260,47 @@ def test_admin_calls_take_the_admin_token_and_health_stays_open():
         server.stop(0)
 
 
+@pytest.mark.parametrize(
+    "users, certificates, expected",
+    [
+        (TokenTable([("alice", ALICE)]), False, grpc.StatusCode.PERMISSION_DENIED),
+        (None, True, grpc.StatusCode.PERMISSION_DENIED),
+        (None, False, None),
+    ],
+    ids=["tokens", "client certificates", "no auth"],
+)
+def test_without_admin_tokens_admin_calls_are_refused_unless_auth_is_off(
+    users, certificates, expected
+):
+    refused = []
+    interceptor = AuthInterceptor(users, None, certificates, refused.append)
+    handlers = grpc.method_handlers_generic_handler(
+        "seqserve.v1.AdminService",
+        {"ListSessions": grpc.unary_unary_rpc_method_handler(lambda r, c: b"open")},
+    )
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(2), interceptors=[interceptor]
+    )
+    server.add_generic_rpc_handlers([handlers])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = _caller(channel)
+            for token in (ALICE, None):
+                if expected is None:
+                    assert (
+                        call("/seqserve.v1.AdminService/ListSessions", token) == b"open"
+                    )
+                    continue
+                with pytest.raises(grpc.RpcError) as caught:
+                    call("/seqserve.v1.AdminService/ListSessions", token)
+                assert caught.value.code() == expected
+    finally:
+        server.stop(0)
+    assert refused == ([] if expected is None else [expected] * 2)
+
+
 def _caller(channel):
     def call(method: str, token: str | None) -> bytes:
         metadata = [("authorization", f"Bearer {token}")] if token else None
@@ -263,11 +335,11 @@ def test_a_server_with_an_unreadable_token_file_does_not_start(tmp_path):
     bad.write_text("alice\n")
     no_models = tmp_path / "models"
     no_models.mkdir()
-    with pytest.raises(ValueError, match="line 1"):
+    with pytest.raises(SettingError, match="token_file: .*line 1"):
         with running_server(no_models, token_file=bad):
             pass
-    with pytest.raises(OSError):
-        with running_server(no_models, token_file=tmp_path / "missing"):
+    with pytest.raises(SettingError, match="admin_token_file"):
+        with running_server(no_models, admin_token_file=tmp_path / "missing"):
             pass
 
 

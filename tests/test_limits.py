@@ -6,6 +6,7 @@ import pytest
 
 from seqserve.client import ResourceExhaustedError
 from seqserve.server.config import Config
+from seqserve.server.security import hard_message_limit
 from seqserve.v1 import seqserve_pb2 as pb
 
 from conftest import client_for, running_server
@@ -18,7 +19,7 @@ def model_dir(tmp_path_factory):
     return save_models(tmp_path_factory.mktemp("models"), {"lstm": lstm_model()})
 
 
-def test_a_message_over_the_size_limit_is_refused_by_grpc(model_dir):
+def test_a_message_over_the_size_limit_is_refused_naming_the_flag(model_dir):
     limit = 64 * 1024
     fits = np.zeros((limit // (4 * FEATURES) - 100, FEATURES), np.float32)
     too_big = np.zeros((limit // (4 * FEATURES) + 100, FEATURES), np.float32)
@@ -27,11 +28,45 @@ def test_a_message_over_the_size_limit_is_refused_by_grpc(model_dir):
             session = stub.StartSession(pb.StartSessionRequest(model="lstm"))
             step = pb.StepRequest(session_id=session.session_id)
             step.inputs.CopyFrom(tensor(too_big))
+            size = step.ByteSize()
             error = refusal(stub.Step, step)
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The requirement is about the message: it names the flag and sizes.
+            assert "--max-message-bytes" in error.details()
+            assert f"{limit} bytes" in error.details()
+            assert f"{size} bytes" in error.details()
 
-            step.inputs.CopyFrom(tensor(fits))
-            assert stub.Step(step, timeout=30).timesteps == len(fits)
+            small = pb.StepRequest(session_id=session.session_id)
+            small.inputs.CopyFrom(tensor(fits))
+            (refused, served) = stub.StepStream(iter([step, small]), timeout=30)
+            assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "--max-message-bytes" in refused.error.message
+            assert served.response.timesteps == len(fits)
+
+            # Timesteps since start: the stream's step, then this one.
+            assert stub.Step(small, timeout=30).timesteps == 2 * len(fits)
+
+
+def test_above_twice_the_limit_grpc_refuses_the_message_itself(model_dir):
+    limit = 64 * 1024
+    huge = np.zeros((2 * limit // (4 * FEATURES) + 100, FEATURES), np.float32)
+    with running_server(model_dir, max_message_bytes=limit) as app:
+        with stub_for(app) as stub:
+            session = stub.StartSession(pb.StartSessionRequest(model="lstm"))
+            step = pb.StepRequest(session_id=session.session_id, inputs=tensor(huge))
+            assert step.ByteSize() > hard_message_limit(limit)
+            error = refusal(stub.Step, step)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # gRPC's own refusal ends a whole stream, not just the step.
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.StepStream(iter([step]), timeout=30))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_hard_limit_is_twice_the_setting_within_grpc_s_range():
+    assert hard_message_limit(1024) == 2048
+    assert hard_message_limit(2**31 - 1) == 2**31 - 1
+    assert hard_message_limit(2**30 + 1) == 2**31 - 1
 
 
 def test_timesteps_over_the_limit_are_invalid_argument(model_dir):

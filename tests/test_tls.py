@@ -1,9 +1,16 @@
 """TLS and mutual TLS from certificate files, against a real server."""
 
+import os
+import subprocess
+import sys
+
+import grpc
 import numpy as np
 import pytest
 
 from seqserve.client import PermissionDeniedError, Session, UnavailableError
+from seqserve.server import healthcheck
+from seqserve.v1 import admin_pb2, admin_pb2_grpc
 
 from certs import Authority
 from conftest import client_for, running_server
@@ -86,6 +93,73 @@ def test_with_mutual_tls_a_session_belongs_to_its_certificate(model, pki):
             second = session.step(x[2:])
     whole = np.concatenate([first, second])
     np.testing.assert_allclose(whole, offline_outputs(keras_model, x), atol=1e-5)
+
+
+def test_with_mutual_tls_and_no_admin_tokens_admin_calls_are_refused(model, pki):
+    _, model_dir = model
+    settings = pki["server"] | {"tls_client_ca_file": pki["ca_file"]}
+    with running_server(model_dir, **settings) as app:
+        credentials = grpc.ssl_channel_credentials(
+            pki["ca"], pki["alice"].key, pki["alice"].certificate
+        )
+        with grpc.secure_channel(f"localhost:{app.port}", credentials) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                admin.ListSessions(admin_pb2.ListSessionsRequest(), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_health_check_command_speaks_tls_and_mutual_tls(model, pki, tmp_path):
+    _, model_dir = model
+    cert, key = pki["alice"].write(tmp_path, "alice")
+    address = "--address=localhost:{}"
+    trusting = ["--tls-ca-file", str(pki["ca_file"])]
+    with running_server(model_dir, **pki["server"]) as app:
+        assert healthcheck.main([address.format(app.port), "--timeout-s=5"]) == 1
+        assert healthcheck.main([address.format(app.port), *trusting]) == 0
+        by_ip = [f"--address=127.0.0.1:{app.port}", *trusting]
+        assert healthcheck.main([*by_ip, "--tls-server-name=localhost"]) == 0
+    settings = pki["server"] | {"tls_client_ca_file": pki["ca_file"]}
+    with running_server(model_dir, **settings) as app:
+        mine = ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        assert healthcheck.main([address.format(app.port), *trusting, *mine]) == 0
+        without = [address.format(app.port), "--timeout-s=5", *trusting]
+        assert healthcheck.main(without) == 1
+    assert healthcheck.main([*trusting, "--tls-cert-file", str(cert)]) == 1
+
+
+def test_a_bad_certificate_stops_the_command_line_naming_the_setting(model, pki):
+    # Before the server listens, not as "could not listen": exit 2, one line.
+    _, model_dir = model
+    server, stranger = pki["server"], pki["stranger"].key
+    key_of_another = model_dir.parent / "stranger.key"
+    key_of_another.write_bytes(stranger)
+    not_pem = model_dir.parent / "not-pem.crt"
+    not_pem.write_bytes(b"certainly not a certificate\n")
+    cases = {
+        "tls_cert_file": [
+            f"--tls-cert-file={not_pem}",
+            f"--tls-key-file={server['tls_key_file']}",
+        ],
+        "tls_key_file": [
+            f"--tls-cert-file={server['tls_cert_file']}",
+            f"--tls-key-file={key_of_another}",
+        ],
+    }
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    for setting, flags in cases.items():
+        command = [sys.executable, "-m", "seqserve.server", "--port=0"]
+        done = subprocess.run(
+            [*command, f"--model-dir={model_dir}", *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 2, done.stderr
+        # TensorFlow's C++ start-up lines may come first; ours is one line.
+        (line,) = [x for x in done.stderr.splitlines() if "seqserve" in x]
+        assert line.startswith(f"seqserve-server: {setting}: ")
 
 
 def _client_as(app, pki, who: str):
