@@ -1,6 +1,8 @@
 # The seqserve server with the bundled BasicMotions model.
 #   docker build -t seqserve .
 #   docker run --rm -p 50051:50051 -p 9090:9090 seqserve
+#   docker stop -t 30 ...   (drain 5 s, grace 5 s, then the snapshot: more
+#                            than docker's default 10 s before it kills)
 # Stage 1 builds the wheel; stage 2 installs it with the server's dependencies,
 # so the image holds no sources or build tools.
 FROM python:3.11-slim AS build

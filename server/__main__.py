@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 
-from .config import Config
+from .config import Config, SettingError
 from .logs import configure
 
 # TensorFlow reads this when first imported, which happens with the app below.
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(config.log_level, config.log_format)
     try:
         app = App(config)
+    except SettingError as error:
+        print(f"seqserve-server: {error}", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError, ValueError) as error:
         logging.getLogger("seqserve.server").error("%s", error)
         return 1
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    app.stop()
+    app.stop(drain_s=config.drain_s)
     return 0
 
 

@@ -18,6 +18,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self.admin = admin
         self.metrics = admin.core.metrics if metrics is None else metrics
 
+    @property
+    def core(self):
+        """The core the session admin works on (for log lines about a session)."""
+        return self.admin.core
+
     @_statuses
     def ListSessions(self, request, context):
         sessions, total, more = self.admin.list_sessions(

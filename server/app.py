@@ -12,7 +12,7 @@ import threadpoolctl
 from seqserve.v1 import admin_pb2, seqserve_pb2
 
 from .admin_servicer import AdminServicer
-from .config import Config
+from .config import Config, SettingError
 from .core import SequenceCore
 from .discovery import Health, enable_reflection
 from .errors import Unavailable
@@ -52,9 +52,11 @@ class App:
         # for the GIL that long (measured on one session: p50 1.6 ms, p99 7.3 ms
         # per Step; at 50 us: 1.1 ms and 1.8 ms).
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        # Token and certificate files are read first: a typo there should not
-        # wait for every model to load.
-        self._auth = interceptors(config)
+        # Files named by settings are read first: a typo there should not wait
+        # for every model to load.
+        _check_model_dir(config)
+        self.metrics = Metrics()
+        self._auth = interceptors(config, self.metrics.rejected)
         self._credentials = server_credentials(config)
         self.watcher = VersionWatcher(
             config.model_dir,
@@ -65,7 +67,6 @@ class App:
                 config.max_batch_size,
             ),
         )
-        self.metrics = Metrics()
         self.core = None
         self.snapshotter: Snapshotter | None = None
         self._listen()
@@ -100,22 +101,16 @@ class App:
         )
         self._sequence = SequenceServicer(loading, self.metrics)
         self._admin = AdminServicer(loading, self.metrics)
-        add_to_server(
-            self._sequence,
-            seqserve_pb2.DESCRIPTOR.services_by_name["SequenceService"],
-            self.server,
-        )
-        add_to_server(
-            self._admin,
-            admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
-            self.server,
-        )
+        for servicer, module, name in (
+            (self._sequence, seqserve_pb2, "SequenceService"),
+            (self._admin, admin_pb2, "AdminService"),
+        ):
+            service = module.DESCRIPTOR.services_by_name[name]
+            add_to_server(servicer, service, self.server, config.max_message_bytes)
         self.health = Health(self.server)
         enable_reflection(self.server)
         address = f"{config.host}:{config.port}"
         self.port = listen(self.server, address, self._credentials)
-        if self.port == 0:
-            raise RuntimeError(f"could not listen on {address}: is it in use?")
         self.server.start()
         log.info("listening on %s:%d; loading models", config.host, self.port)
 
@@ -153,12 +148,20 @@ class App:
         restore_all(self.core, directory)
         return snapshotter
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Reports NOT_SERVING, refuses new calls, lets calls in flight finish,
-        writes the snapshot (with a snapshot directory), then stops the
-        executors."""
+    def stop(self, grace_s: float | None = None, drain_s: float = 0.0) -> None:
+        """Reports NOT_SERVING, and for `drain_s` seconds goes on serving every
+        call (health checks then answer NOT_SERVING, so that probes and load
+        balancers stop sending new calls); then refuses new calls, gives those
+        in flight `grace_s` seconds (None: --shutdown-grace-s) to finish,
+        writes the snapshot (with a snapshot directory), and stops the
+        executors. The command line drains for --drain-s; in-process users
+        have no load balancer to wait for."""
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         self.watcher.stop()
         self.health.draining()
+        if drain_s > 0:
+            log.info("draining: NOT_SERVING for %g s, still serving calls", drain_s)
+            time.sleep(drain_s)
         self.server.stop(grace_s).wait()
         self.metrics.stop()
         if self.core is None:
@@ -173,6 +176,14 @@ class App:
             time.monotonic() - self.started_s,
             len(self.core.sessions),
             self.metrics.summary(),
+        )
+
+
+def _check_model_dir(config: Config) -> None:
+    if not config.model_dir.is_dir():
+        raise SettingError(
+            f"model_dir: expected a directory of .keras or .h5 files, received "
+            f"{str(config.model_dir)!r}, which is not a directory"
         )
 
 

@@ -9,6 +9,12 @@ from pathlib import Path
 ENV_PREFIX = "SEQSERVE_"
 
 
+class SettingError(ValueError):
+    """A setting whose value only the start can find wrong: a file or directory
+    that is missing, unreadable or malformed. The message names the setting;
+    the command line exits 2, as for any bad value."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Every server setting, validated at construction."""
@@ -49,9 +55,12 @@ class Config:
     tls_client_ca_file: Path | None = None
     # Bearer tokens, one `name token` per line; the file keeps them out of `ps`.
     token_file: Path | None = None
-    # Tokens for seqserve.v1.AdminService; without it, admin calls take the above.
+    # Tokens for seqserve.v1.AdminService. With auth on (a token file or a client
+    # CA) and none given, admin calls are refused; with no auth, they are open.
     admin_token_file: Path | None = None
-    # Bytes in one gRPC message, each way (gRPC's own default is 4 MiB).
+    # Bytes in one gRPC message, each way (gRPC's own default is 4 MiB). A larger
+    # request is refused naming this setting, up to twice this size; above that
+    # gRPC refuses it itself.
     max_message_bytes: int = 4 * 1024 * 1024
     # Live sessions started by one client (its identity, or its address when
     # auth is off); 0 is no limit beyond max_sessions.
@@ -62,6 +71,11 @@ class Config:
     # When max_sessions are live, a new session is refused ("refuse") or takes
     # the place of the least recently used one ("evict-lru").
     when_full: str = "refuse"
+    # At SIGTERM: seconds health reports NOT_SERVING while calls are still
+    # served, for probes and load balancers to stop sending new ones; then
+    # seconds that calls in flight have to finish before they are cancelled.
+    drain_s: float = 5.0
+    shutdown_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "0 to 65535", self.port)
@@ -137,6 +151,9 @@ class Config:
         )
         policies = ("refuse", "evict-lru")
         _require(self.when_full in policies, "when_full", policies, self.when_full)
+        for name in ("drain_s", "shutdown_grace_s"):
+            value = getattr(self, name)
+            _require(0 <= value <= 3600, name, "0 to 3600", value)
         self._check_security()
 
     def _check_security(self) -> None:

@@ -7,6 +7,7 @@ Session lifecycle and rejections are rare enough for ordinary counters.
 """
 
 import bisect
+import collections
 import itertools
 import threading
 import time
@@ -200,13 +201,23 @@ def _live_families(core):
         "Operations waiting for the model's executor.",
         labels=["model"],
     )
-    counts = core.sessions.count_by_model()
-    for name, model in sorted(core.models.items()):
-        sessions = counts.get(name, 0)
-        live.add_metric([name], sessions)
-        held.add_metric([name], sessions * 4 * sum(p.units for p in model.state_parts))
+    # By version: versions of one model may differ in their state layout.
+    counts = collections.Counter((s.model, s.version) for s in core.sessions.snapshot())
+    for name in sorted(core.models):
+        versions = [(v, n) for (m, v), n in counts.items() if m == name]
+        live.add_metric([name], sum(n for _, n in versions))
+        held.add_metric([name], sum(n * _row_bytes(core, name, v) for v, n in versions))
         queued.add_metric([name], core.queue_depth(name))
     return live, held, queued
+
+
+def _row_bytes(core, name: str, version: int) -> int:
+    """Bytes of one session's state on a model version (float32 parts)."""
+    entry = core.versions.get((name, version))
+    if entry is None:  # unloaded since: its last session ended meanwhile
+        return 0
+    model, _ = entry
+    return 4 * sum(p.units for p in model.state_parts)
 
 
 def _served_families(models: dict[str, ModelStats]):

@@ -44,14 +44,16 @@ def _statuses(method):
             return method(self, request, context)
         except SeqServeError as error:
             self.metrics.rejected(error.code)
-            log.debug("%s refused: %s", method.__name__, error, extra=_about(request))
+            if log.isEnabledFor(logging.DEBUG):
+                about = _about(self, request)
+                log.debug("%s refused: %s", method.__name__, error, extra=about)
             if error.trailing_metadata:
                 context.set_trailing_metadata(error.trailing_metadata)
             context.abort(error.code, _detail(error))
         except Exception:
             self.metrics.rejected(grpc.StatusCode.INTERNAL)
             log.exception(
-                "unexpected error in %s", method.__name__, extra=_about(request)
+                "unexpected error in %s", method.__name__, extra=_about(self, request)
             )
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
 
@@ -119,13 +121,13 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             daemon=True,
         ).start()
         while (item := _next(pending, context)) is not _END_OF_STREAM:
-            yield _outcome(item, self.metrics)
+            yield self._outcome(*item)
 
     def _submit_stream(self, requests, pending: queue.Queue, context, caller) -> None:
         try:
             for request in requests:
                 step = self._submit_step(request, caller, context)
-                if not _put(pending, step, context):
+                if not _put(pending, (request, step), context):
                     return
         except grpc.RpcError:
             pass  # the client went away; nothing waits for the replies
@@ -138,6 +140,32 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
             return self._submit(request, caller, context)
         except Exception as error:
             return error
+
+    def _outcome(self, request, step) -> pb.StepOutcome:
+        """The reply to one stream step: `step` is (model, future) or the error
+        that refused it. A refusal is counted and logged here, as `_statuses`
+        does for a unary call."""
+        try:
+            if isinstance(step, Exception):
+                raise step
+            model, future = step
+            return pb.StepOutcome(response=_step_reply(model, future.result()))
+        except SeqServeError as error:
+            self.metrics.rejected(error.code)
+            if log.isEnabledFor(logging.DEBUG):
+                about = _about(self, request)
+                log.debug("StepStream step refused: %s", error, extra=about)
+            outcome = pb.StepOutcome(error=_error(error.code, _detail(error)))
+            if isinstance(error, StepOutOfOrder):
+                outcome.error.expected_step_number = error.expected
+            return outcome
+        except Exception:
+            log.exception("unexpected error in StepStream", extra=_about(self, request))
+            internal = grpc.StatusCode.INTERNAL
+            self.metrics.rejected(internal)
+            return pb.StepOutcome(
+                error=_error(internal, "internal error; see server log")
+            )
 
     def _submit(self, request, caller, context):
         """Decodes and submits one StepRequest; raises if it is refused."""
@@ -230,30 +258,28 @@ def _put(pending: queue.Queue, item, context) -> bool:
     return False
 
 
-def _about(request) -> dict:
-    session_id = getattr(request, "session_id", "")
-    has_one = isinstance(session_id, str) and session_id
-    return {"session_id": session_id} if has_one else {}
+def _about(servicer, request) -> dict:
+    """The `extra` of a log line about the request's session: `session_id` and
+    `model` (empty when the session is not live); a StepMany of several
+    sessions gives `session_ids` instead."""
+    ids = getattr(request, "session_ids", None)
+    if ids is None:
+        session_id = getattr(request, "session_id", "")
+        ids = [session_id] if isinstance(session_id, str) and session_id else []
+    if not ids:
+        return {}
+    about = {"session_id": ids[0]} if len(ids) == 1 else {"session_ids": list(ids)}
+    model = getattr(request, "model", "")
+    if not (isinstance(model, str) and model):
+        model = _live_model(servicer, ids[0])
+    return about | {"model": model}
 
 
-def _outcome(item, metrics: Metrics) -> pb.StepOutcome:
+def _live_model(servicer, session_id: str) -> str:
     try:
-        if isinstance(item, Exception):
-            raise item
-        model, future = item
-        return pb.StepOutcome(response=_step_reply(model, future.result()))
-    except StepOutOfOrder as error:
-        outcome = pb.StepOutcome(error=_error(error.code, str(error)))
-        outcome.error.expected_step_number = error.expected
-        return outcome
-    except SeqServeError as error:
-        metrics.rejected(error.code)
-        return pb.StepOutcome(error=_error(error.code, _detail(error)))
-    except Exception:
-        log.exception("unexpected error in StepStream")
-        internal = grpc.StatusCode.INTERNAL
-        metrics.rejected(internal)
-        return pb.StepOutcome(error=_error(internal, "internal error; see server log"))
+        return servicer.core.sessions.live(session_id).model
+    except SeqServeError:  # not live, malformed, or the models are still loading
+        return ""
 
 
 def _detail(error: SeqServeError) -> str:

@@ -8,6 +8,8 @@ import pytest
 from seqserve.server.__main__ import main
 from seqserve.server.config import Config
 
+from certs import Authority
+
 
 def test_defaults_without_flags_or_environment():
     assert Config.from_args([], environ={}) == Config()
@@ -130,6 +132,9 @@ def test_readme_lists_exactly_the_settings_of_config_with_their_defaults():
         ("metrics_port", "on"),
         ("log_format", "xml"),
         ("when_full", "evict"),
+        ("drain_s", "-1"),
+        ("drain_s", "nan"),
+        ("shutdown_grace_s", "3601"),
     ],
 )
 def test_operations_settings_are_validated(name, value):
@@ -149,3 +154,39 @@ def test_command_line_refuses_a_bad_setting_in_one_line(capsys, monkeypatch):
     monkeypatch.setenv("SEQSERVE_WHEN_FULL", "sometimes")
     assert main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "setting, flag, problem",
+    [
+        ("model_dir", "--model-dir", "missing"),
+        ("token_file", "--token-file", "missing"),
+        ("token_file", "--token-file", "malformed"),
+        ("admin_token_file", "--admin-token-file", "missing"),
+        ("tls_cert_file", "--tls-cert-file", "missing"),
+        ("tls_cert_file", "--tls-cert-file", "malformed"),
+        ("tls_client_ca_file", "--tls-client-ca-file", "malformed"),
+    ],
+)
+def test_command_line_refuses_a_bad_file_in_one_line_naming_it(
+    setting, flag, problem, tmp_path, capsys, monkeypatch
+):
+    # Checked before the server listens or loads a model: an empty model
+    # directory is enough, and nothing is ever served.
+    monkeypatch.setattr("seqserve.server.__main__.configure", lambda *_: None)
+    models = tmp_path / "models"
+    models.mkdir()
+    cert, key = Authority().issue("seqserve", server=True).write(tmp_path, "server")
+    settings = {
+        "--model-dir": models,
+        "--tls-cert-file": cert,
+        "--tls-key-file": key,
+    }
+    settings[flag] = tmp_path / problem
+    if problem == "malformed":
+        settings[flag].write_text("neither tokens nor a certificate\n")
+    argv = ["--port=0", *(f"{name}={value}" for name, value in settings.items())]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith(f"seqserve-server: {setting}: ")

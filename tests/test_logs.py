@@ -4,10 +4,11 @@ import io
 import json
 import logging
 
+import grpc
 import numpy as np
 import pytest
 
-from seqserve.client import NotFoundError
+from seqserve.client import InvalidArgumentError, NotFoundError
 from seqserve.server import logs
 
 from conftest import client_for, running_server
@@ -32,8 +33,12 @@ def json_lines():
     logger.setLevel(old_level)
 
 
-def test_session_lines_carry_the_id_and_requests_stay_at_debug(tmp_path, json_lines):
-    model_dir = save_models(tmp_path, {"lstm": lstm_model()})
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_models(tmp_path_factory.mktemp("logs"), {"lstm": lstm_model()})
+
+
+def test_session_lines_carry_the_id_and_requests_stay_at_debug(model_dir, json_lines):
     with running_server(model_dir) as app, client_for(app) as client:
         session = client.start_session("lstm")
         session.step(frames(np.random.default_rng(0), 2))
@@ -53,6 +58,8 @@ def test_session_lines_carry_the_id_and_requests_stay_at_debug(tmp_path, json_li
         "seqserve.server.core",
         "seqserve.server.servicer",
     }
+    # An ended session's model is no longer known; the key is there all the same.
+    assert [line["model"] for line in about] == ["lstm", "lstm", ""]
 
     info = json_lines(logging.INFO)
     assert all("session_id" not in line for line in info)
@@ -66,6 +73,53 @@ def test_session_lines_carry_the_id_and_requests_stay_at_debug(tmp_path, json_li
         "sessions started 1, ended 1 closed, 0 idle_timeout, 0 evicted"
         in (messages[-1])
     )
+
+
+def test_refused_step_many_and_stream_steps_carry_session_and_model(
+    model_dir, json_lines
+):
+    wrong = np.zeros((1, 7), np.float32)  # 7 features, not 3
+    with running_server(model_dir) as app, client_for(app) as client:
+        one, two = client.start_session("lstm"), client.start_session("lstm")
+        with pytest.raises(InvalidArgumentError):
+            client.step_many([one], wrong[None])
+        with pytest.raises(InvalidArgumentError):
+            client.step_many([one, two], np.stack([wrong, wrong]))
+        (outcome,) = client.step_stream([(two, wrong)])
+        assert isinstance(outcome, InvalidArgumentError)
+
+    debug = json_lines(logging.DEBUG)
+    refused = [line for line in debug if " refused: " in line["message"]]
+    assert [
+        (line["message"].split(":")[0], line.get("session_id"), line["model"])
+        for line in refused
+    ] == [
+        ("StepMany refused", one.id, "lstm"),
+        ("StepMany refused", None, "lstm"),
+        ("StepStream step refused", two.id, "lstm"),
+    ]
+    assert refused[1]["session_ids"] == [one.id, two.id]
+
+
+def test_an_unexpected_stream_error_is_logged_once_with_the_session(
+    model_dir, json_lines, monkeypatch
+):
+    def broken_reply(model, result):
+        raise RuntimeError("a bug nobody foresaw")
+
+    monkeypatch.setattr("seqserve.server.servicer._step_reply", broken_reply)
+    with running_server(model_dir) as app, client_for(app) as client:
+        session = client.start_session("lstm")
+        (outcome,) = client.step_stream(
+            [(session, frames(np.random.default_rng(0), 1))]
+        )
+        assert outcome.code == grpc.StatusCode.INTERNAL
+
+    errors = [line for line in json_lines(logging.INFO) if line["level"] == "ERROR"]
+    assert [(e["message"], e["session_id"], e["model"]) for e in errors] == [
+        ("unexpected error in StepStream", session.id, "lstm")
+    ]
+    assert "RuntimeError: a bug nobody foresaw" in errors[0]["exc_info"]
 
 
 def test_text_lines_end_with_the_session_id():
