@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from seqserve.client import Client, RetryPolicy, StepOutOfOrderError
+from seqserve.client import Client, NotFoundError, RetryPolicy, StepOutOfOrderError
 
 from server_process import ServerProcess, fast_reconnect_channel, free_port
 from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
@@ -147,3 +147,39 @@ def test_sessions_continue_through_sigterm_and_replay_through_kill(
             server.kill()
     # Steps made after the last snapshot before the kill were lost and replayed.
     assert sum(load.replayed) > 0
+
+
+def test_a_snapshot_cut_at_random_points_is_refused_and_the_server_starts(
+    model_dir, tmp_path
+):
+    """A process writes a snapshot at SIGTERM; cut short at random points, each
+    start refuses it with one log line, keeps it aside, and serves."""
+    snapshot_dir = tmp_path / "snap"
+    flags = ["--model-dir", str(model_dir), "--snapshot-dir", str(snapshot_dir)]
+    flags += ["--drain-s", "0"]
+    port = free_port()
+    server = ServerProcess(port, tmp_path / "first.log", *flags)
+    with Client(f"127.0.0.1:{port}") as client:
+        ids = [client.start_session("lstm").id for _ in range(3)]
+        for session_id in ids:
+            client.attach(session_id, "lstm").step(np.ones((2, 3), np.float32))
+    assert server.terminate() == 0
+    snapshot = snapshot_dir / "lstm@1.snapshot"
+    whole = snapshot.read_bytes()
+
+    for attempt, cut in enumerate(np.random.default_rng(5).integers(1, len(whole), 3)):
+        snapshot.write_bytes(whole[:cut])
+        log = tmp_path / f"cut{attempt}.log"
+        server = ServerProcess(port, log, *flags)  # returns once it serves
+        try:
+            with Client(f"127.0.0.1:{port}") as client:
+                with pytest.raises(NotFoundError):
+                    client.attach(ids[0], "lstm").get_state()
+                fresh = client.start_session("lstm")
+                assert fresh.step(np.ones((1, 3), np.float32)).shape == (1, 2)
+        finally:
+            server.kill()
+        refusals = [line for line in log.read_text().splitlines() if "refused" in line]
+        assert len(refusals) == 1 and "lstm@1.snapshot" in refusals[0], refusals
+        assert not snapshot.exists()
+        assert len(list(snapshot_dir.glob("lstm@1.snapshot.refused-*"))) == attempt + 1

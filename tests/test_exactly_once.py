@@ -1,4 +1,5 @@
-"""64 sessions at once over unary calls and streams, with retries injected.
+"""64 sessions at once over unary calls and streams, with retries injected,
+against a server process.
 
 Half the sessions step over unary calls through a channel that loses every
 fifth reply after the server applied the step (the client retries it); the
@@ -13,9 +14,9 @@ import pytest
 
 from seqserve.v1 import seqserve_pb2 as pb
 
-from conftest import running_server
 from lossy_channel import dropping_client
 from rpc_helpers import stub_for, tensor
+from server_process import ServerProcess, free_port
 from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
 
 SESSIONS = 64
@@ -76,8 +77,37 @@ def test_sixty_four_sessions_with_retries_each_match_offline(tmp_path, keras_lst
     chunks = [c for _, c in plans]
     streamed: dict[int, list] = {i: [] for i in range(SESSIONS)}
     directory = save_models(tmp_path, {"lstm": keras_lstm})
-    with running_server(directory) as app, stub_for(app) as stub:
-        client, dropper = dropping_client(app, every=5)
+    log = tmp_path / "server.log"
+    server = ServerProcess(free_port(), log, "--model-dir", str(directory))
+    try:
+        dropped, states = drive_all(server, chunks, streamed)
+    finally:
+        server.kill()
+
+    assert dropped > 10
+    for index, (sequence, _) in enumerate(plans):
+        assert len(streamed[index]) == len(chunks[index]), f"session {index}"
+        np.testing.assert_allclose(
+            np.concatenate(streamed[index]),
+            offline_outputs(keras_lstm, sequence),
+            atol=1e-5,
+        )
+        h, c = offline_state(keras_lstm, "lstm", sequence)
+        parts = {
+            p.part: np.frombuffer(p.value.data, np.float32)
+            for p in states[index].state.parts
+        }
+        np.testing.assert_allclose(parts["h"], h, atol=1e-5)
+        np.testing.assert_allclose(parts["c"], c, atol=1e-5)
+        assert states[index].step_number == len(chunks[index])
+
+
+def drive_all(server, chunks, streamed) -> tuple[int, list[pb.GetStateResponse]]:
+    """Starts the sessions and drives each through its chunks, half on unary
+    calls that lose replies, half on streams; returns the number of replies
+    lost and each session's final GetState reply."""
+    with stub_for(server) as stub:
+        client, dropper = dropping_client(server, every=5)
         ids = [
             stub.StartSession(pb.StartSessionRequest(model="lstm")).session_id
             for _ in range(SESSIONS)
@@ -106,20 +136,4 @@ def test_sixty_four_sessions_with_retries_each_match_offline(tmp_path, keras_lst
             stub.GetState(pb.GetStateRequest(session_id=sid), timeout=10) for sid in ids
         ]
         client.close()
-
-    assert dropper.dropped > 10
-    for index, (sequence, _) in enumerate(plans):
-        assert len(streamed[index]) == len(chunks[index]), f"session {index}"
-        np.testing.assert_allclose(
-            np.concatenate(streamed[index]),
-            offline_outputs(keras_lstm, sequence),
-            atol=1e-5,
-        )
-        h, c = offline_state(keras_lstm, "lstm", sequence)
-        parts = {
-            p.part: np.frombuffer(p.value.data, np.float32)
-            for p in states[index].state.parts
-        }
-        np.testing.assert_allclose(parts["h"], h, atol=1e-5)
-        np.testing.assert_allclose(parts["c"], c, atol=1e-5)
-        assert states[index].step_number == len(chunks[index])
+    return dropper.dropped, states
