@@ -111,12 +111,40 @@ class SequenceServicer(pb_grpc.SequenceServiceServicer):
 
     def StepStream(self, request_iterator, context):
         """Replies in request order; a refused step gets an error outcome and the
-        stream goes on. Steps are submitted as they arrive, so the steps of many
-        sessions on one stream batch together."""
+        stream goes on.
+
+        While every step names the stream's first session, this thread reads,
+        submits and answers each in turn: the steps of one session run one
+        after another anyway, and a handoff to another thread per message
+        would cost more than the step. From the first step of another session
+        on, a reader thread submits steps as they arrive, so that the steps of
+        many sessions on one stream batch together.
+        """
+        caller = identity_of(context)
+        requests = iter(request_iterator)
+        first = None
+        try:
+            for request in requests:
+                session_id = getattr(request, "session_id", None)  # None: unparsed
+                first = session_id if first is None else first
+                step = self._submit_step(request, caller, context)
+                if session_id != first:
+                    yield from self._stream_from_reader(
+                        (request, step), requests, context, caller
+                    )
+                    return
+                yield self._outcome(request, step)
+        except grpc.RpcError:
+            return  # the client went away; nothing waits for the replies
+
+    def _stream_from_reader(self, submitted, requests, context, caller):
+        """Outcomes of `submitted` and then of every step a reader thread
+        submits from `requests`, in order."""
         pending: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
+        pending.put(submitted)
         threading.Thread(
             target=self._submit_stream,
-            args=(request_iterator, pending, context, identity_of(context)),
+            args=(requests, pending, context, caller),
             name="stream-reader",
             daemon=True,
         ).start()

@@ -181,3 +181,43 @@ def test_raw_step_many_with_an_unknown_session_names_the_item(app):
             stub.StepMany(request)
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert "session_ids[1]" in refused.value.details()
+
+
+def test_a_stream_of_one_session_that_adds_others_keeps_each_exact(client, lstm):
+    """The stream's first session steps alone (answered on the stream's own
+    thread), then two more join in (a reader thread takes over)."""
+    x = sequences(7, count=3)
+    sessions = [client.start_session("lstm") for _ in range(3)]
+    alone = 10
+    order = [(0, t) for t in range(alone)]
+    for t in range(TIMESTEPS):
+        order += [(row, t) for row in (1, 2)] + ([(0, t)] if t >= alone else [])
+
+    replies = client.step_stream((sessions[row], x[row, t : t + 1]) for row, t in order)
+    streamed = [[] for _ in sessions]
+    for (row, _), reply in zip(order, replies, strict=True):
+        assert isinstance(reply, np.ndarray), reply
+        streamed[row].append(reply)
+
+    for row in range(3):
+        expected = small_models.offline_outputs(lstm, x[row])
+        np.testing.assert_allclose(np.concatenate(streamed[row]), expected, atol=1e-5)
+
+
+def test_a_stream_of_one_session_needs_no_reader_thread(client, lstm):
+    session = client.start_session("lstm")
+    x = sequences(8, count=1)[0]
+    readers = []
+
+    def steps():
+        for t in range(5):
+            yield session, x[t : t + 1]
+            readers.append(
+                sum(t.name == "stream-reader" for t in threading.enumerate())
+            )
+
+    streamed = np.concatenate(list(client.step_stream(steps())))
+
+    assert readers == [0] * 5
+    expected = small_models.offline_outputs(lstm, x[:5])
+    np.testing.assert_allclose(streamed, expected, atol=1e-5)
