@@ -208,7 +208,8 @@ class SequenceCore:
         nothing."""
         sessions = self._distinct_sessions(session_ids, caller)
         model, _ = self._runtime(sessions[0])
-        others = [s for s in sessions if _key(s) != _key(model)]
+        name, version = _key(model)
+        others = [s for s in sessions if s.version != version or s.model != name]
         if others:
             raise InvalidArgument(
                 f"session_ids: expected sessions of one model version, received "

@@ -218,10 +218,10 @@ class ModelExecutor:
             taken: set[int] = set()
             later, steps_by_length, many = [], {}, []
             for op in pending:
-                sessions = _sessions(op)
-                blocked = any(id(s) in taken for s in sessions)
+                ids = [id(s) for s in _sessions(op)]
+                blocked = not taken.isdisjoint(ids)
                 # A deferred operation holds back every later one of its sessions.
-                taken.update(id(s) for s in sessions)
+                taken.update(ids)
                 if blocked:
                     later.append(op)
                 elif isinstance(op, StepOp):
