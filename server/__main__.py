@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    app.stop(drain_s=config.drain_s)
-    return 0
+    return 0 if app.stop(drain_s=config.drain_s) else 1
 
 
 if __name__ == "__main__":

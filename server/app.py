@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ class App:
         # Files named by settings are read first: a typo there should not wait
         # for every model to load.
         _check_model_dir(config)
+        _check_snapshot_dir(config)
         self.metrics = Metrics()
         self._auth = interceptors(config, self.metrics.rejected)
         self._credentials = server_credentials(config)
@@ -142,20 +144,27 @@ class App:
 
     def _restore_sessions(self) -> Snapshotter | None:
         if not self.config.snapshot_dir:
+            if self.config.snapshot_interval_s:
+                log.warning(
+                    "snapshot_interval_s is %g but snapshot_dir is not set: no "
+                    "snapshots are written",
+                    self.config.snapshot_interval_s,
+                )
             return None
         directory = Path(self.config.snapshot_dir)
         snapshotter = Snapshotter(self.core, directory, self.config.snapshot_interval_s)
         restore_all(self.core, directory)
         return snapshotter
 
-    def stop(self, grace_s: float | None = None, drain_s: float = 0.0) -> None:
+    def stop(self, grace_s: float | None = None, drain_s: float = 0.0) -> bool:
         """Reports NOT_SERVING, and for `drain_s` seconds goes on serving every
         call (health checks then answer NOT_SERVING, so that probes and load
         balancers stop sending new calls); then refuses new calls, gives those
         in flight `grace_s` seconds (None: --shutdown-grace-s) to finish,
         writes the snapshot (with a snapshot directory), and stops the
         executors. The command line drains for --drain-s; in-process users
-        have no load balancer to wait for."""
+        have no load balancer to wait for. Returns False when the snapshot
+        failed to write some sessions (the command line then exits 1)."""
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         self.watcher.stop()
         self.health.draining()
@@ -165,11 +174,19 @@ class App:
         self.server.stop(grace_s).wait()
         self.metrics.stop()
         if self.core is None:
-            return
+            return True
+        unwritten = 0
         if self.snapshotter is not None:
             self.snapshotter.close()
-            written = self.snapshotter.write_all()
+            written, unwritten = self.snapshotter.write_all()
             log.info("wrote %d sessions to %s", written, self.snapshotter.directory)
+            if unwritten:
+                log.error(
+                    "%d sessions were not written to %s and are lost (see above); "
+                    "a snapshot from before may still hold them",
+                    unwritten,
+                    self.snapshotter.directory,
+                )
         self.core.close()
         log.info(
             "stopped after %.0f s; %d sessions were live; %s",
@@ -177,6 +194,7 @@ class App:
             len(self.core.sessions),
             self.metrics.summary(),
         )
+        return not unwritten
 
 
 def _check_model_dir(config: Config) -> None:
@@ -185,6 +203,24 @@ def _check_model_dir(config: Config) -> None:
             f"model_dir: expected a directory of .keras or .h5 files, received "
             f"{str(config.model_dir)!r}, which is not a directory"
         )
+
+
+def _check_snapshot_dir(config: Config) -> None:
+    """Creates the snapshot directory, so that one that cannot be written
+    stops the start instead of losing the sessions at shutdown."""
+    if not config.snapshot_dir:
+        return
+    directory = Path(config.snapshot_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise SettingError(
+            f"snapshot_dir: expected a directory that this user can write, or "
+            f"where one can be made, received {config.snapshot_dir!r} ({reason})"
+        ) from None
 
 
 class _Loading:

@@ -8,6 +8,7 @@ truncated, or taken of another model is refused with one log line, moved
 aside, and the server starts without its sessions.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -216,40 +217,58 @@ class Snapshotter:
         if self._thread is not None:
             self._thread.join()
 
-    def write_all(self) -> int:
-        """Writes one snapshot per model; returns the sessions written."""
-        written = 0
+    def write_all(self) -> tuple[int, int]:
+        """Writes one snapshot per model version; returns the sessions written
+        and those not written (of versions whose write failed: their last
+        snapshot stays)."""
+        written = unwritten = 0
         with self._lock:
             kept = set()
             for model in self.core.versions.all():
                 path = self.directory / f"{model.name}@{model.version}{SUFFIX}"
                 kept.add(path)
+                sessions = [
+                    s
+                    for s in self.core.sessions.started(model.name)
+                    if s.version == model.version
+                ]
                 try:
-                    written += self._write(model, path)
-                except Exception:  # a full disk, say: keep serving, and trying
+                    written += self._write(model, sessions, path)
+                except OSError as error:  # a full disk, say: keep serving, and trying
+                    unwritten += len(sessions)
+                    log.error(
+                        "snapshot of model %r version %d (%d sessions) failed: %s; "
+                        "its last snapshot stays",
+                        model.name,
+                        model.version,
+                        len(sessions),
+                        error,
+                    )
+                except Exception:
+                    unwritten += len(sessions)
                     log.exception(
-                        "snapshot of model %r failed; the last one stays", model.name
+                        "snapshot of model %r version %d (%d sessions) failed; its "
+                        "last snapshot stays",
+                        model.name,
+                        model.version,
+                        len(sessions),
                     )
             for stale in set(self.directory.glob(f"*{SUFFIX}")) - kept:
-                stale.unlink()  # of a version unloaded since: its sessions ended
-        return written
+                with contextlib.suppress(OSError):  # tried again next time
+                    stale.unlink()  # of a version unloaded since: its sessions ended
+        return written, unwritten
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.interval_s):
             started = time.monotonic()
-            written = self.write_all()
+            written, _ = self.write_all()
             log.debug(
                 "snapshot of %d sessions took %.1f ms",
                 written,
                 1000 * (time.monotonic() - started),
             )
 
-    def _write(self, model: ServedModel, path: Path) -> int:
-        sessions = [
-            s
-            for s in self.core.sessions.started(model.name)
-            if s.version == model.version
-        ]
+    def _write(self, model: ServedModel, sessions: list, path: Path) -> int:
         capture = self.core.run_on_model(model, functools.partial(_read, sessions))
         write_atomically(path, encode(layout(model), capture))
         return len(capture.ids)

@@ -166,6 +166,7 @@ def test_command_line_refuses_a_bad_setting_in_one_line(capsys, monkeypatch):
         ("tls_cert_file", "--tls-cert-file", "missing"),
         ("tls_cert_file", "--tls-cert-file", "malformed"),
         ("tls_client_ca_file", "--tls-client-ca-file", "malformed"),
+        ("snapshot_dir", "--snapshot-dir", "a file"),
     ],
 )
 def test_command_line_refuses_a_bad_file_in_one_line_naming_it(
@@ -185,6 +186,8 @@ def test_command_line_refuses_a_bad_file_in_one_line_naming_it(
     settings[flag] = tmp_path / problem
     if problem == "malformed":
         settings[flag].write_text("neither tokens nor a certificate\n")
+    if problem == "a file":
+        settings[flag].write_text("not a directory\n")
     argv = ["--port=0", *(f"{name}={value}" for name, value in settings.items())]
     assert main(argv) == 2
     error = capsys.readouterr().err

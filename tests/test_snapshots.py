@@ -19,6 +19,7 @@ from seqserve.client import (
 )
 from seqserve.client.tensors import to_numpy
 from seqserve.server import snapshots
+from seqserve.server.app import App
 from seqserve.server.config import Config
 from seqserve.server.executor import StepResult
 from seqserve.server.snapshot_format import (
@@ -27,9 +28,10 @@ from seqserve.server.snapshot_format import (
     decode,
     encode,
 )
+from seqserve.v1 import admin_pb2 as admin_pb
 from seqserve.v1 import seqserve_pb2 as pb
 
-from admin_helpers import scrape
+from admin_helpers import admin_for, scrape
 from conftest import running_server
 from rpc_helpers import status_of, stub_for, tensor
 from small_models import (
@@ -336,3 +338,42 @@ def test_a_restored_session_keeps_its_owner(model_dir, tmp_path):
             session = owner.attach("alices", "lstm")
             session.step(x)
     assert session.step_number == 2
+
+
+def test_admin_counts_the_steps_of_a_restored_session(model_dir, tmp_path):
+    settings = {"snapshot_dir": str(tmp_path)}
+    with running_server(model_dir, **settings) as app:
+        with client_of(app) as client:
+            session = client.start_session("lstm", session_id="counted")
+            for _ in range(3):
+                session.step(np.ones((2, 3), np.float32))
+    with running_server(model_dir, **settings) as app, admin_for(app) as admin:
+        request = admin_pb.DescribeSessionRequest(session_id="counted")
+        before = admin.DescribeSession(request, timeout=30).session
+        with client_of(app) as client:
+            client.attach("counted", "lstm").step(np.ones((1, 3), np.float32))
+        after = admin.DescribeSession(request, timeout=30).session
+
+    assert (before.steps, before.timesteps) == (3, 6)
+    assert not before.HasField("last_step")  # its steps' times are not kept
+    assert (after.steps, after.timesteps) == (4, 7)
+    assert after.HasField("last_step")
+
+
+def test_a_snapshot_that_cannot_be_written_at_shutdown_is_reported(
+    model_dir, tmp_path, caplog
+):
+    snapshot_dir = tmp_path / "snap"
+    app = App(Config(model_dir=model_dir, port=0, snapshot_dir=str(snapshot_dir)))
+    try:
+        with client_of(app) as client:
+            client.start_session("lstm").step(np.ones((2, 3), np.float32))
+        snapshot_dir.rename(tmp_path / "moved")
+        snapshot_dir.write_text("a file where the directory was\n")
+    finally:
+        with caplog.at_level(logging.ERROR):
+            complete = app.stop(grace_s=0)
+
+    assert complete is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("1 sessions were not written" in e for e in errors), errors
