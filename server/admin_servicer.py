@@ -55,7 +55,7 @@ def session_info(session: Session) -> pb.SessionInfo:
         model=session.model,
         version=session.version,
         created=_timestamp(session.created_s),
-        steps=session.steps,
+        steps=session.step_number,
         timesteps=session.timesteps,
     )
     if session.last_step_s:

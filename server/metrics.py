@@ -73,7 +73,7 @@ class ModelStats:
 
     def record_steps(self, ops) -> None:
         """One executed batch of StepOps: counts, latencies and each session's
-        step count and time of last step."""
+        time of last step."""
         now, used_s = time.perf_counter(), time.monotonic()
         with self._lock:
             self.steps += len(ops)
@@ -81,9 +81,7 @@ class ModelStats:
             self.batch_size.observe((len(ops),))
             self.step_latency_s.observe([now - op.submitted_s for op in ops])
         for op in ops:
-            session = op.session
-            session.steps += 1
-            session.last_step_s = used_s
+            op.session.last_step_s = used_s
 
     def record_many(self, op) -> None:
         """One executed StepMany: a step of each of its sessions."""
@@ -96,7 +94,6 @@ class ModelStats:
             self.step_latency_s.observe([latency_s] * sessions)
         used_s = time.monotonic()
         for session in op.sessions:
-            session.steps += 1
             session.last_step_s = used_s
 
 

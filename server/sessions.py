@@ -38,7 +38,6 @@ class Session:
     created_s: float
     last_used_s: float
     version: int = 1  # of the model; set at start
-    steps: int = 0  # applied since start; written by the model's executor
     last_step_s: float = 0.0  # time.monotonic() of the last step; 0 before any
     slot: int = -1  # the row in the model's state store; set by its executor
     timesteps: int = 0  # since start, reset or set

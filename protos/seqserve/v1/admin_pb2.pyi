@@ -39,14 +39,17 @@ class SessionInfo(_message.Message):
     version: _builtins.int
     """The model version the session runs on."""
     steps: _builtins.int
-    """Steps applied since the session started."""
+    """Steps applied since the session started: its step number."""
     timesteps: _builtins.int
     """Timesteps since the session started, or since its last reset or set."""
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_step(self) -> _timestamp_pb2.Timestamp:
-        """Absent until the session's first step."""
+        """Absent until the session's first step on this server: the steps of a
+        session restored from a snapshot or imported count in `steps`, but their
+        times are not kept.
+        """
 
     def __init__(
         self,
