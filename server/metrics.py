@@ -21,7 +21,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-STARTED_REASONS = ("new", "restored")
+STARTED_REASONS = ("new", "restored", "imported")
 ENDED_REASONS = ("closed", "idle_timeout", "evicted")
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -107,7 +107,8 @@ class Metrics:
         self._http = None
         self._started = prometheus_client.Counter(
             "seqserve_sessions_started",
-            "Sessions started, by model and how (new, or restored from a snapshot).",
+            "Sessions started, by model and how (new, restored from a snapshot, or "
+            "imported).",
             ["model", "reason"],
             registry=self.registry,
         )
@@ -138,7 +139,8 @@ class Metrics:
         return self.models.setdefault(model, ModelStats())
 
     def session_started(self, model: str, reason: str = "new") -> None:
-        """`reason` "restored" is for sessions brought back from a snapshot."""
+        """`reason` "restored" is for sessions brought back from a snapshot,
+        "imported" for those from ImportSession."""
         self._started.labels(model, reason).inc()
 
     def session_ended(self, model: str, reason: str, count: int = 1) -> None:

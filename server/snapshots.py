@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidArgument, NotFound, SeqServeError
+from .logs import about
 from .models import ServedModel
 from .sessions import Session
 from .snapshot_format import (
@@ -62,7 +63,7 @@ def import_session(
         check_layout(found, model)
     except SnapshotRefused as error:
         raise InvalidArgument(f"session: {error}") from None
-    return adopt(core, model, records[0], "new", caller, client), model
+    return adopt(core, model, records[0], "imported", caller, client), model
 
 
 def _version(found: dict) -> int:
@@ -81,7 +82,8 @@ def adopt(
     client: str = "",
 ) -> Session:
     """Makes `record` a live session of `model` (its layout already checked);
-    `reason` is "restored" for a session from a snapshot file."""
+    `reason` is "restored" for a session from a snapshot file, "imported" for
+    one from ImportSession."""
     parts = [(p.layer, p.part, v) for p, v in zip(model.state_parts, record.state)]
     check_state(model, parts, "session state")
     _check_reply(model, record)
@@ -103,6 +105,9 @@ def adopt(
         raise
     core.sessions.activate(session)
     core.metrics.session_started(model.name, reason)
+    log.debug(
+        "session %s at step %d", reason, session.step_number, extra=about(session)
+    )
     return session
 
 

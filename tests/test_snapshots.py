@@ -272,7 +272,7 @@ def test_an_exported_session_continues_exactly_on_another_server(
     chunks = np.split(sequence, 5)
     with (
         running_server(model_dir) as first,
-        running_server(model_dir) as second,
+        running_server(model_dir, metrics_port=0) as second,
         running_server(retrained_dir) as changed,
         client_of(first) as one,
         client_of(second) as two,
@@ -291,8 +291,12 @@ def test_an_exported_session_continues_exactly_on_another_server(
         assert (moved.id, moved.step_number, moved.timesteps) == (session.id, 3, 9)
         streamed += [moved.step(c) for c in chunks[3:]]
         state = moved.get_state()
+        started = scrape(second)
 
     assert_matches_offline(keras_lstm, sequence, streamed, state)
+    for reason, count in (("new", 0), ("restored", 0), ("imported", 1)):
+        key = (STARTED_RESTORED[0], (("model", "lstm"), ("reason", reason)))
+        assert started[key] == count, reason
 
 
 def test_import_refuses_garbage_with_invalid_argument(model_dir):
