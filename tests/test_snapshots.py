@@ -3,6 +3,7 @@
 Crash and SIGTERM against real server processes are in test_durability.py.
 """
 
+import json
 import logging
 import types
 
@@ -33,6 +34,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from admin_helpers import admin_for, scrape
 from conftest import running_server
+from fuzz_exports import pack, split
 from rpc_helpers import status_of, stub_for, tensor
 from small_models import (
     FEATURES,
@@ -113,6 +115,62 @@ def test_truncated_or_damaged_bytes_are_refused():
         damaged[index] ^= 0x40
         with pytest.raises(SnapshotRefused):
             decode(bytes(damaged))
+
+
+def _set(path: tuple, value):
+    def change(header: dict) -> None:
+        *parents, last = path
+        for key in parents:
+            header = header[key]
+        header[last] = value
+
+    return change
+
+
+# Of the kinds that fuzzing ImportSession found accepted, or failing late with
+# an unexpected error, before the parser checked each field (each case is
+# checksummed again, so it reaches the parser).
+HEADER_CASES = {
+    "format true": _set(("format",), True),
+    "format a string": _set(("format",), "1"),
+    "layout a list": _set(("layout",), []),
+    "ids not texts": _set(("ids",), [1, 2, 3]),
+    "one owner short": lambda h: h["owners"].pop(),
+    "a client not a text": _set(("clients", 0), 5),
+    "a column missing": lambda h: h["columns"].pop("timesteps"),
+    "a reply row twice": lambda h: h["replies"].append(h["replies"][0]),
+    "a reply row out of range": _set(("replies", 0, 0), 99),
+    "a reply row true": _set(("replies", 0, 0), True),
+    "reply step number negative": _set(("replies", 0, 1, "step_number"), -1),
+    "reply timesteps a float": _set(("replies", 0, 1, "timesteps"), 7.0),
+}
+
+
+@pytest.mark.parametrize("change", HEADER_CASES.values(), ids=list(HEADER_CASES))
+def test_a_malformed_header_is_refused(change):
+    data = encode(LAYOUT, capture(3))
+    header, arrays = split(data)
+    change(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    with pytest.raises(SnapshotRefused):
+        decode(pack(data[:8], text, arrays))
+
+
+def test_a_column_with_an_impossible_value_is_refused():
+    """Step numbers, timesteps and times are checked as numbers, not only as
+    columns: a negative count or a time that is not finite is refused."""
+    good = capture(3)
+    for name, value in (
+        ("step_numbers", -1),
+        ("timesteps", -5),
+        ("created_wall_s", float("nan")),
+        ("last_used_wall_s", float("inf")),
+    ):
+        bad = capture(3)
+        getattr(bad, name)[1] = value  # a list or an array
+        with pytest.raises(SnapshotRefused):
+            decode(encode(LAYOUT, bad))
+    assert len(decode(encode(LAYOUT, good))[1]) == 3
 
 
 @pytest.fixture(scope="module")
