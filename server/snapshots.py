@@ -239,7 +239,7 @@ class Snapshotter:
                 ]
                 try:
                     written += self._write(model, sessions, path)
-                except OSError as error:  # a full disk, say: keep serving, and trying
+                except Exception as error:  # a full disk, say: keep serving, and trying
                     unwritten += len(sessions)
                     log.error(
                         "snapshot of model %r version %d (%d sessions) failed: %s; "
@@ -248,15 +248,7 @@ class Snapshotter:
                         model.version,
                         len(sessions),
                         error,
-                    )
-                except Exception:
-                    unwritten += len(sessions)
-                    log.exception(
-                        "snapshot of model %r version %d (%d sessions) failed; its "
-                        "last snapshot stays",
-                        model.name,
-                        model.version,
-                        len(sessions),
+                        exc_info=not isinstance(error, OSError),  # OSError: as said
                     )
             for stale in set(self.directory.glob(f"*{SUFFIX}")) - kept:
                 with contextlib.suppress(OSError):  # tried again next time

@@ -63,6 +63,17 @@ def offline_state(model: keras.Model, layer: str, sequence: np.ndarray) -> list:
     return [np.asarray(part)[0] for part in state]
 
 
+def assert_matches_offline(model: keras.Model, sequence, streamed, state) -> None:
+    """Outputs streamed in chunks and the client's state (`{"lstm": {"h", "c"}}`)
+    of an LSTM session equal one Keras call on the whole sequence."""
+    np.testing.assert_allclose(
+        np.concatenate(streamed), offline_outputs(model, sequence), atol=1e-5
+    )
+    h, c = offline_state(model, "lstm", sequence)
+    np.testing.assert_allclose(state["lstm"]["h"], h, atol=1e-5)
+    np.testing.assert_allclose(state["lstm"]["c"], c, atol=1e-5)
+
+
 # Traced once per model: eager Keras runs an RNN step by step in Python, which
 # would make these references the slowest part of the tests.
 @functools.cache

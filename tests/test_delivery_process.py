@@ -18,7 +18,12 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from lossy_channel import dropping_client
 from rpc_helpers import refusal, tensor
 from server_process import ServerProcess, free_port
-from small_models import frames, lstm_model, offline_outputs, offline_state, save_models
+from small_models import (
+    assert_matches_offline,
+    frames,
+    lstm_model,
+    save_models,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,15 +56,6 @@ def servers(tmp_path_factory, keras_lstm):
 @pytest.fixture
 def first(servers):
     return servers[0]
-
-
-def assert_matches_offline(keras_model, sequence, streamed, state):
-    np.testing.assert_allclose(
-        np.concatenate(streamed), offline_outputs(keras_model, sequence), atol=1e-5
-    )
-    h, c = offline_state(keras_model, "lstm", sequence)
-    np.testing.assert_allclose(state["lstm"]["h"], h, atol=1e-5)
-    np.testing.assert_allclose(state["lstm"]["c"], c, atol=1e-5)
 
 
 def test_steps_whose_replies_are_lost_apply_once(first, keras_lstm):

@@ -38,10 +38,10 @@ from fuzz_exports import pack, split
 from rpc_helpers import status_of, stub_for, tensor
 from small_models import (
     FEATURES,
+    assert_matches_offline,
     frames,
     lstm_model,
     offline_outputs,
-    offline_state,
     save_models,
 )
 
@@ -191,15 +191,6 @@ def retrained_dir(tmp_path_factory):
 
 def client_of(app) -> Client:
     return Client(f"127.0.0.1:{app.port}")
-
-
-def assert_matches_offline(keras_model, sequence, streamed, state):
-    np.testing.assert_allclose(
-        np.concatenate(streamed), offline_outputs(keras_model, sequence), atol=1e-5
-    )
-    h, c = offline_state(keras_model, "lstm", sequence)
-    np.testing.assert_allclose(state["lstm"]["h"], h, atol=1e-5)
-    np.testing.assert_allclose(state["lstm"]["c"], c, atol=1e-5)
 
 
 @pytest.mark.parametrize("storage", ["host", "tensorflow"])

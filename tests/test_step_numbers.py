@@ -40,6 +40,7 @@ from lossy_channel import dropping_client
 from rpc_helpers import refusal, stub_for, tensor
 from small_models import (
     FEATURES,
+    assert_matches_offline,
     frames,
     lstm_model,
     offline_outputs,
@@ -191,15 +192,10 @@ def test_steps_whose_replies_are_lost_are_retried_and_apply_once(app, keras_lstm
     client, dropper = dropping_client(app, every=3)
     with client, client.start_session("lstm") as session:
         streamed = [session.step(c) for c in np.split(sequence, 8)]
-        state = session.get_state()["lstm"]
+        state = session.get_state()
 
     assert dropper.dropped >= 2 and session.step_number == 8
-    np.testing.assert_allclose(
-        np.concatenate(streamed), offline_outputs(keras_lstm, sequence), atol=1e-5
-    )
-    h, c = offline_state(keras_lstm, "lstm", sequence)
-    np.testing.assert_allclose(state["h"], h, atol=1e-5)
-    np.testing.assert_allclose(state["c"], c, atol=1e-5)
+    assert_matches_offline(keras_lstm, sequence, streamed, state)
 
 
 def test_the_client_reports_a_server_behind_with_the_expected_number(app):
@@ -273,15 +269,6 @@ def test_a_numbered_client_stream_and_unary_steps_share_one_count(app, keras_lst
     )
 
 
-def assert_matches_offline(keras_model, sequence, streamed, state):
-    np.testing.assert_allclose(
-        np.concatenate(streamed), offline_outputs(keras_model, sequence), atol=1e-5
-    )
-    h, c = offline_state(keras_model, "lstm", sequence)
-    np.testing.assert_allclose(state["h"], h, atol=1e-5)
-    np.testing.assert_allclose(state["c"], c, atol=1e-5)
-
-
 def test_after_a_refused_stream_step_no_later_step_applies_until_a_resync(
     app, keras_lstm
 ):
@@ -311,7 +298,7 @@ def test_after_a_refused_stream_step_no_later_step_applies_until_a_resync(
             if len(outcomes) == 4:
                 session.sync()
                 resynced.set()
-        state = session.get_state()["lstm"]
+        state = session.get_state()
 
     assert isinstance(outcomes[1], InvalidArgumentError)
     assert [type(o) for o in outcomes[2:4]] == [StepSkippedError] * 2
@@ -331,7 +318,7 @@ def test_a_refusal_on_a_stream_holds_back_only_its_own_session(app, keras_lstm):
             (s, chunks[i][k]) for k in range(4) for i, s in enumerate((held, going))
         ]
         outcomes = list(client.step_stream(pairs, numbered=True))
-        state = going.get_state()["lstm"]
+        state = going.get_state()
         held.sync()
 
     assert isinstance(outcomes[2], InvalidArgumentError)
@@ -372,7 +359,7 @@ def test_the_same_inputs_after_an_unknown_outcome_apply_once(app, keras_lstm, lo
             session.step(first)
         dropper.losing = None
         streamed = [session.step(first), session.step(second)]
-        state = session.get_state()["lstm"]
+        state = session.get_state()
 
     assert unknown.value.step_number == 1
     assert session.step_number == 2
@@ -389,14 +376,14 @@ def test_other_inputs_after_an_unknown_outcome_follow_the_applied_step(app, kera
             session.step(first)
         dropper.losing = None
         streamed = [session.step(second)]
-        state = session.get_state()["lstm"]
+        state = session.get_state()
 
     assert session.step_number == 2
     np.testing.assert_allclose(
         streamed[0], offline_outputs(keras_lstm, sequence)[3:], atol=1e-5
     )
     h, c = offline_state(keras_lstm, "lstm", sequence)
-    np.testing.assert_allclose(state["h"], h, atol=1e-5)
+    np.testing.assert_allclose(state["lstm"]["h"], h, atol=1e-5)
 
 
 def test_a_stream_whose_server_stops_while_the_generator_waits_raises(
